@@ -1,0 +1,207 @@
+"""Building blocks shared by the UNet, the VAE and the text encoders (NHWC, linen).
+
+Submodule names mirror the attribute names of diffusers/transformers PyTorch modules, with list
+indices joined by an underscore (``resnets.0`` -> ``resnets_0``), so that weight conversion is a
+mechanical renaming (see ``lcm_jax.convert.common``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+# ---------------------------------------------------------------------------------------------
+# Attention: the one function every model calls, so the implementation can be swapped.
+# ---------------------------------------------------------------------------------------------
+
+_ATTENTION_IMPL = {"name": "auto"}
+_ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
+
+
+def set_attention_implementation(name: str) -> None:
+    """Choose how `dot_product_attention` runs: 'auto', 'xla', 'chunked' or 'cudnn'.
+
+    'auto' picks cuDNN flash attention on GPU and the XLA formulation elsewhere. The choice is read
+    at trace time, so set it before the first jit of a model.
+    """
+    if name not in _ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {name!r} unknown; choose one of {_ATTENTION_IMPLS}")
+    _ATTENTION_IMPL["name"] = name
+
+
+def _xla_attention(q, k, v, mask, scale):
+    # (B, N, H, D) -> (B, H, N, D): batched matmuls with contiguous heads are ~2x faster on CPU.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _chunked_attention(q, k, v, mask, scale, chunk: int = 1024):
+    """Query-chunked attention: the same numbers as `_xla_attention` with a smaller score tensor."""
+    n = q.shape[1]
+    if mask is not None or n <= chunk or n % chunk:
+        return _xla_attention(q, k, v, mask, scale)
+    qc = q.reshape(q.shape[0], n // chunk, chunk, *q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda qi: _xla_attention(qi, k, v, None, scale), qc)
+    return out.swapaxes(0, 1).reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: Optional[jax.Array] = None,
+                          scale: Optional[float] = None) -> jax.Array:
+    """Softmax attention on (batch, tokens, heads, head_dim) arrays; softmax in float32.
+
+    `mask` broadcasts to (batch, heads, q_tokens, k_tokens); True means "attend".
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    impl = _ATTENTION_IMPL["name"]
+    if impl == "auto":
+        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype != jnp.float32 else "xla"
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, mask, scale)
+    return _xla_attention(q, k, v, mask, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and convolutions with PyTorch's numerics.
+# ---------------------------------------------------------------------------------------------
+
+
+def group_norm(num_groups: int, eps: float, dtype: Dtype = jnp.float32, name: Optional[str] = None):
+    """GroupNorm matching torch.nn.GroupNorm (two-pass variance, statistics in float32)."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, use_fast_variance=False,
+                        name=name)
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
+         dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
+    """A 2D convolution with PyTorch's symmetric padding (default: 'same' for odd kernels)."""
+    p = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((p, p), (p, p)), dtype=dtype, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestep embeddings.
+# ---------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as diffusers' `get_timestep_embedding`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :] * scale
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def guidance_scale_embedding(w: jax.Array, dim: int = 256) -> jax.Array:
+    """Embedding of the guidance scale w (B,) -> (B, dim) used for LCM's `timestep_cond`.
+
+    Same formula as the LCM reference code and diffusers' `get_guidance_scale_embedding`:
+    w is scaled by 1000 and embedded with [sin, cos] at max period 10000.
+    """
+    w = jnp.asarray(w, jnp.float32) * 1000.0
+    half = dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    args = w[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2, with an optional bias-free `cond_proj` added to the input."""
+    time_embed_dim: int
+    out_dim: Optional[int] = None
+    cond_proj_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, condition: Optional[jax.Array] = None) -> jax.Array:
+        if self.cond_proj_dim is not None:
+            if condition is None:
+                raise ValueError("this UNet has time_cond_proj_dim set: pass timestep_cond "
+                                 "(the guidance-scale embedding), shape (batch, time_cond_proj_dim)")
+            sample = sample + nn.Dense(sample.shape[-1], use_bias=False, dtype=self.dtype,
+                                       name="cond_proj")(condition.astype(sample.dtype))
+        sample = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(sample)
+        sample = nn.silu(sample)
+        return nn.Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, name="linear_2")(sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutional blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D ('default' time-embedding norm): GN-SiLU-conv, +temb, GN-SiLU-conv."""
+    out_channels: int
+    groups: int = 32
+    groups_out: Optional[int] = None
+    eps: float = 1e-6
+    use_temb: bool = True
+    output_scale_factor: float = 1.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None,
+                 deterministic: bool = True) -> jax.Array:
+        residual = x
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, name="norm1")(x))
+        h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
+        if self.use_temb and temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups_out or self.groups, self.eps, self.dtype, name="norm2")(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
+        if residual.shape[-1] != self.out_channels:
+            residual = conv(self.out_channels, kernel=1, dtype=self.dtype, name="conv_shortcut")(residual)
+        return (residual + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `padding=0` is the VAE encoder's variant: pad right/bottom by one first."""
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, 3, stride=2, padding=self.padding, dtype=self.dtype,
+                    name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return conv(self.out_channels, dtype=self.dtype, name="conv")(x)

@@ -1,0 +1,39 @@
+"""lcm-jax: Latent Consistency Models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lcm-jax",
+    version="0.1.0",
+    description="Latent Consistency Model distillation and few-step sampling in JAX/Flax",
+    packages=find_packages(include=["lcm_jax", "lcm_jax.*"]),
+    package_data={"lcm_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        "safetensors>=0.4",
+        "transformers>=4.40",  # CLIPTokenizer only; no torch needed for it
+        "grain>=0.2",
+        "array_record",
+        "tensorboardX",
+        "pillow",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "torch==2.13.0",
+            "diffusers>=0.40",
+            "transformers>=5.0",
+            "accelerate",
+            "pytest>=8",
+        ],
+    },
+    entry_points={"console_scripts": ["lcm-jax=lcm_jax.cli:main"]},
+)
