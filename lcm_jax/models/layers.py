@@ -196,12 +196,16 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `output_size` as torch's interpolate) + 3x3 conv."""
     out_channels: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, output_size: Optional[tuple[int, int]] = None) -> jax.Array:
         b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        else:  # torch 'nearest': output pixel i reads input pixel floor(i * in / out)
+            oh, ow = output_size
+            x = x[:, (jnp.arange(oh) * h) // oh][:, :, (jnp.arange(ow) * w) // ow]
         return conv(self.out_channels, dtype=self.dtype, name="conv")(x)

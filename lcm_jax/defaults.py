@@ -1,0 +1,87 @@
+"""Every training config field, with its one meaning and its default.
+
+Experiment files in configs/ start from `base_config()` and change what they need; configs are
+locked, so a misspelt override (`--config.optim.lr=...`) fails instead of being ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "lcd"            # 'lcd' | 'lcm_lora' | 'lcf' | 'diffusion'
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 8            # global batch (all processes, all micro-batches)
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.sample_every = 0          # 0: no sample grids during training
+    c.sample_prompts = ["a photograph of an astronaut riding a horse"]
+
+    c.model = ml_collections.ConfigDict()
+    c.model.teacher = ""        # diffusers pipeline folder; "" = random tiny teacher from model.unet
+    c.model.unet = ml_collections.ConfigDict()  # UNet config used when model.teacher is ""
+    c.model.time_cond_proj_dim = 256   # the student's w-embedding size (LCD); 0 disables it
+    c.model.prediction_type = "epsilon"  # for the random teacher only (folders carry their own)
+    c.model.compute_dtype = "float32"  # 'bfloat16' for bf16 compute with fp32 master weights
+    c.model.param_dtype = "float32"
+    c.model.teacher_dtype = "float32"  # the frozen teacher may be stored in bfloat16
+    c.model.remat = False              # rematerialise UNet blocks to save activation memory
+    c.model.init_seed = 0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.num_ddim_timesteps = 50  # N, skipping step k = T / N
+    c.loss.w_min = 5.0              # w ~ U[w_min, w_max], guidance scale w + 1
+    c.loss.w_max = 15.0
+    c.loss.loss_type = "huber"      # 'l2' | 'huber'
+    c.loss.huber_c = 0.001
+    c.loss.sigma_data = 0.5
+    c.loss.timestep_scaling = 10.0
+    c.loss.ema_decay = 0.95
+    c.loss.solver = "ddim"
+    c.loss.lcf_w = 7.0              # LCF: the fixed w the student is conditioned on
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 64
+    c.lora.alpha = 64.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.schedule = "constant"   # 'constant' | 'cosine', both after linear warmup
+    c.optim.warmup_steps = 500
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-2
+    c.optim.grad_clip = 1.0
+    c.optim.grad_accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = [("^.*$", "fsdp")]  # (regex on param path, 'fsdp' | 'replicate')
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "folder"        # 'folder' | 'shapes' | 'synthetic'
+    c.data.path = ""                # image folder with metadata.jsonl
+    c.data.resolution = 512
+    c.data.latent_size = 64         # resolution / 8
+    c.data.text_len = 77
+    c.data.caption_dropout = 0.0    # diffusion training: probability of the empty prompt
+    c.data.world_seed = 0           # shapes world
+    c.data.num_examples = 100000
+    return c
+
+
+def tiny_unet() -> dict:
+    """A two-level SD-style UNet small enough to train on a laptop CPU in seconds."""
+    return {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
+        "cross_attention_dim": 32, "norm_num_groups": 8,
+    }

@@ -1,0 +1,245 @@
+"""Evaluating samples: Frechet distance, prompt accuracy on the shapes world, sample grids.
+
+`ShapesEvaluator` reads generated images with the shipped attribute classifier
+(lcm_jax/assets/shapes/classifier/) and reports
+  - `fd`: Frechet distance between its penultimate features of the generated images and of real
+    images of the world (the FID recipe, with a classifier that knows this world);
+  - `prompt_accuracy`: the fraction of images whose every predicted attribute matches the prompt;
+  - `acc/<head>`: per-attribute accuracy.
+`heldout_prompts` gives prompts from the evaluation split of the world (`shapes.EVAL_SEED`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lcm_jax.convert.common import WeightsError, read_safetensors
+from lcm_jax.data import shapes
+from lcm_jax.models.classifier import ShapesClassifier
+
+CLASSIFIER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes",
+                              "classifier")
+_SLOT_NAMES = {"shape": shapes.SHAPES, "color": shapes.COLORS, "size": shapes.SIZES,
+               "position": shapes.POSITIONS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray,
+                                sigma_b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two Gaussians.
+
+    tr (S_a S_b)^(1/2) = tr (S_a^(1/2) S_b S_a^(1/2))^(1/2): the right side is symmetric PSD, so
+    eigenvalues give it exactly, without scipy's general sqrtm or its complex round-off.
+    """
+    root_a = _sqrtm_psd(sigma_a)
+    cross = np.linalg.eigvalsh(root_a @ sigma_b @ root_a)
+    diff = mu_a - mu_b
+    value = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.sqrt(
+        np.clip(cross, 0, None)).sum()
+    return float(max(value, 0.0))
+
+
+def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of features (N, D), in float64."""
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {feats.shape}")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D)."""
+    if np.shape(feats_a)[-1] != np.shape(feats_b)[-1]:
+        raise ValueError(f"feature sets differ in width: {np.shape(feats_a)} vs {np.shape(feats_b)}")
+    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier labels
+# ---------------------------------------------------------------------------------------------
+
+
+def classifier_heads() -> tuple[tuple[str, int], ...]:
+    """(head, classes) of the shapes classifier; slot heads have a last 'absent' class."""
+    heads = [("background", len(shapes.BACKGROUNDS)), ("num_shapes", 2)]
+    for slot in range(2):
+        heads += [(f"{key}_{slot}", len(_SLOT_NAMES[key]) + 1) for key in shapes.SLOT_KEYS]
+    return tuple(heads)
+
+
+def attrs_to_labels(attrs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked world attributes (see shapes.py) -> integer label per classifier head."""
+    labels = {"background": np.asarray(attrs["background"]),
+              "num_shapes": np.asarray(attrs["num_shapes"]) - 1}
+    for key in shapes.SLOT_KEYS:
+        values = np.asarray(attrs[key])
+        for slot in range(2):
+            v = values[..., slot]
+            labels[f"{key}_{slot}"] = np.where(v < 0, len(_SLOT_NAMES[key]), v)
+    return {k: v.astype(np.int32) for k, v in labels.items()}
+
+
+def heldout_prompts(n: int, seed: int = shapes.EVAL_SEED) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The first n prompts and stacked attributes of world `seed` (by default the eval split)."""
+    world = shapes.ShapesWorld(seed)
+    items = [world.attrs(i) for i in range(n)]
+    return [shapes.caption_from_attrs(a) for a in items], shapes.stack_attrs(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier weights
+# ---------------------------------------------------------------------------------------------
+
+
+def load_classifier(path: str = CLASSIFIER_DIR) -> tuple[ShapesClassifier, dict]:
+    """The classifier module and params from a folder with config.json + model.safetensors."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"no classifier config at {config_path}; train one with "
+                           "`python tools/train_shapes_classifier.py --out {path}`")
+    with open(config_path) as f:
+        config = json.load(f)
+    model = ShapesClassifier(heads=tuple((h, n) for h, n in config["heads"]),
+                             layers=tuple(tuple(layer) for layer in config["layers"]),
+                             features=config["features"])
+    weights_path = os.path.join(path, "model.safetensors")
+    flat = read_safetensors(weights_path)
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"],
+        sep="/")
+    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{weights_path} does not match {config_path}: missing {missing}, "
+                           f"unexpected {unexpected}; re-run tools/train_shapes_classifier.py")
+    for key, leaf in expected.items():
+        if tuple(flat[key].shape) != tuple(leaf.shape):
+            raise WeightsError(f"{weights_path}: {key} has shape {flat[key].shape}, the config "
+                               f"needs {leaf.shape}; re-run tools/train_shapes_classifier.py")
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()},
+                                          sep="/")
+    return model, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluator
+# ---------------------------------------------------------------------------------------------
+
+_REAL_FEATURES: dict[tuple, np.ndarray] = {}   # (classifier dir, seed, num) -> features
+
+
+def _to_model_input(images: np.ndarray) -> np.ndarray:
+    """float [0, 1] (or uint8) NHWC 64x64 images -> float32 in [-1, 1]."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3):
+        raise ValueError(f"expected images (N, 64, 64, 3) as in the shapes world, got "
+                         f"{images.shape}; decode to 64x64 RGB NHWC first")
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    return (images.astype(np.float32) / scale) * 2 - 1
+
+
+class ShapesEvaluator:
+    """FD and prompt accuracy of generated shapes-world images, with the shipped classifier."""
+
+    def __init__(self, classifier_dir: str = CLASSIFIER_DIR, num_real: int = 2000,
+                 real_seed: int = shapes.EVAL_SEED, batch_size: int = 250):
+        self.model, self.params = load_classifier(classifier_dir)
+        self.key = (os.path.abspath(classifier_dir), real_seed, num_real)
+        self.num_real, self.real_seed, self.batch_size = num_real, real_seed, batch_size
+        self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x, return_features=True))
+
+    def _run(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Logits per head and features, in fixed-size batches (one compile)."""
+        x = _to_model_input(images)
+        logits, feats = [], []
+        for s in range(0, len(x), self.batch_size):
+            chunk = x[s:s + self.batch_size]
+            padded = np.pad(chunk, ((0, self.batch_size - len(chunk)), (0, 0), (0, 0), (0, 0)))
+            out, f = self._apply(self.params, padded)
+            logits.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
+            feats.append(np.asarray(f)[:len(chunk)])
+        return {k: np.concatenate([lg[k] for lg in logits]) for k in logits[0]}, np.concatenate(feats)
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Predicted label per classifier head (see `attrs_to_labels`)."""
+        return {k: v.argmax(-1) for k, v in self._run(images)[0].items()}
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Penultimate classifier features (N, D) of float [0, 1] NHWC images."""
+        return self._run(images)[1]
+
+    def real_features(self) -> np.ndarray:
+        """Features of `num_real` real images of world `real_seed`, computed once per process."""
+        if self.key not in _REAL_FEATURES:
+            images, _, _ = shapes.ShapesWorld(self.real_seed).batch(range(self.num_real))
+            _REAL_FEATURES[self.key] = self.features(images)
+        return _REAL_FEATURES[self.key]
+
+    def prompt_accuracy(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+        """`prompt_accuracy` (all attributes right) and `acc/<head>` for images and prompts."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        truth = attrs_to_labels(shapes.stack_attrs([shapes.parse_caption(p) for p in prompts]))
+        pred = self.predict(images)
+        hits = {k: pred[k] == truth[k] for k in truth}
+        out = {"prompt_accuracy": float(np.mean(np.all(list(hits.values()), axis=0)))}
+        out.update({f"acc/{k}": float(v.mean()) for k, v in hits.items()})
+        return out
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+        """`fd` against real images plus everything `prompt_accuracy` returns."""
+        logits, feats = self._run(images)
+        out = {"fd": frechet_distance(feats, self.real_features()) if len(feats) > 1 else math.nan}
+        out.update(self.prompt_accuracy(images, prompts))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids
+# ---------------------------------------------------------------------------------------------
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, labels: Optional[Sequence[str]] = None,
+              pad: int = 2) -> tuple[int, int]:
+    """Writes images (N, H, W, 3), float [0, 1] or uint8, as a PNG grid of `nrow` per row.
+
+    `labels`, one per grid row, are drawn in a column on the left. Returns (width, height).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / nrow)
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"save_grid: {len(labels)} labels for {rows} rows of {nrow} images")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0 if labels is None else int(max(probe.textlength(t, font=font) for t in labels)) + 2 * pad
+    grid = Image.new("RGB", (label_w + nrow * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid.paste(Image.fromarray(image), (label_w + pad + c * (w + pad), pad + r * (h + pad)))
+    for r, text in enumerate(labels or []):
+        draw.text((pad, pad + r * (h + pad) + h // 2 - 6), text, fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return grid.size

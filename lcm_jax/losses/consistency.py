@@ -1,0 +1,159 @@
+"""Consistency losses: latent consistency distillation (LCD), LCM-LoRA and LCF.
+
+Notation follows Luo et al. 2023, "Latent Consistency Models" (LCM), Algorithm 1:
+  z          clean latent (VAE latent times scaling_factor), c the text condition,
+  t_n        the skipping-step grid of N DDIM timesteps over T (k = T / N apart),
+  z_{t_{n+k}} = sqrt(abar) z + sqrt(1 - abar) eps          (forward diffusion, Eq. 1),
+  Psi        the teacher's one-step ODE solver (DDIM) on the w-augmented PF-ODE (Eq. 9),
+  f_theta(z, w, c, t) = c_skip(t) z + c_out(t) F_theta(z, w, c, t)   (parameterisation, Eq. 5),
+  loss       d(f_theta(z_{t_{n+k}}, w, c, t_{n+k}), f_theta-(z^Psi_{t_n}, w, c, t_n))   (Eq. 10).
+The time grid indexing and the w-convention follow diffusers' train_lcm_distill_sd_wds.py, so that
+checkpoints are interchangeable: the CFG form is eps_c + w (eps_c - eps_u) and the student embeds
+this w (= guidance_scale - 1 at sampling time).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import schedules
+from lcm_jax.models.layers import guidance_scale_embedding
+
+Params = Any
+# model_fn(params, frozen, z_t (B,h,w,c), t (B,), text (B,L,D), w_embedding (B,E) or None,
+#          added_cond (dict or None)) -> raw model output (epsilon / v / sample)
+ModelFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyConfig:
+    num_ddim_timesteps: int = 50      # N; the skipping step is k = T / N
+    w_min: float = 5.0                # w ~ U[w_min, w_max]; guidance scale = w + 1
+    w_max: float = 15.0
+    w_embed_dim: Optional[int] = 256  # None: the student has no w-input (LCM-LoRA)
+    loss_type: str = "huber"          # 'l2' or 'huber' (pseudo-Huber)
+    huber_c: float = 0.001
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    solver: str = "ddim"              # teacher ODE solver: 'ddim'; 'data' = LCF (no teacher)
+
+
+@dataclasses.dataclass
+class ConsistencyTerms:
+    """Per-example pieces of the loss, kept for metrics and tests."""
+    loss: jax.Array        # (B,)  distance d(., .) averaged over latent elements
+    t_start: jax.Array     # (B,)  t_{n+k}
+    t_end: jax.Array       # (B,)  t_n
+    w: jax.Array           # (B,)
+    model_pred: jax.Array  # (B, h, w, c)  f_theta(z_{t_{n+k}})
+    target: jax.Array      # (B, h, w, c)  f_theta-(z^Psi_{t_n})
+
+
+def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
+    """t_n for n = 1..N: round(n k) - 1 with k = T / N  (diffusers' DDIMSolver grid)."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return (np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int32) - 1
+
+
+def distance(a: jax.Array, b: jax.Array, loss_type: str, huber_c: float) -> jax.Array:
+    """d(a, b) per example: mean squared error, or pseudo-Huber sqrt(|a-b|^2 + c^2) - c."""
+    sq = jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32))
+    if loss_type == "l2":
+        return jnp.mean(sq, axis=tuple(range(1, sq.ndim)))
+    if loss_type == "huber":
+        return jnp.mean(jnp.sqrt(sq + huber_c ** 2) - huber_c, axis=tuple(range(1, sq.ndim)))
+    raise ValueError(f"loss_type must be 'l2' or 'huber', got {loss_type!r}")
+
+
+def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
+                          schedule: schedules.NoiseSchedule, cfg: ConsistencyConfig):
+    """Builds loss_fn(params, target_params, frozen, batch, rng) -> (loss, ConsistencyTerms).
+
+    `frozen` carries the teacher's parameters (and a LoRA student's base weights); it is an
+    argument rather than a closure so that a large teacher stays a sharded input of the jitted
+    step instead of becoming a constant baked into the program.
+    batch: 'latents' (B,h,w,c), 'prompt_embeds' (B,L,D), 'uncond_embeds' (B,L,D);
+    optional 'added_cond' / 'uncond_added_cond' (SDXL micro-conditioning dicts).
+    """
+    T = schedule.num_train_timesteps
+    grid = jnp.asarray(ddim_grid(T, cfg.num_ddim_timesteps))
+    k = T // cfg.num_ddim_timesteps
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    pred_type = schedule.prediction_type
+
+    def f_theta(fn, params, frozen, z_t, t, text, w_emb, added):
+        """Eq. 5: c_skip(t) z_t + c_out(t) x0_hat(F(z_t, w, c, t))."""
+        out = fn(params, frozen, z_t, t, text, w_emb, added)
+        x0, _ = schedules.predict_x0_eps(out, z_t, _bcast(abar[t]), pred_type)
+        c_skip, c_out = schedules.scalings_for_boundary_conditions(
+            t, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
+        return _bcast(c_skip) * z_t + _bcast(c_out) * x0
+
+    def loss_fn(params, target_params, frozen, batch, rng):
+        z, text = batch["latents"], batch["prompt_embeds"]
+        added = batch.get("added_cond")
+        b = z.shape[0]
+        rng_n, rng_eps, rng_w = jax.random.split(rng, 3)
+        # 1. SAMPLE n ~ U{0..N-1}, t_{n+k} = grid[n], t_n = t_{n+k} - k (clamped at 0).
+        n = jax.random.randint(rng_n, (b,), 0, cfg.num_ddim_timesteps)
+        t_start = grid[n]
+        t_end = jnp.maximum(t_start - k, 0)
+        # 2. FORWARD DIFFUSION to t_{n+k} (Eq. 1).
+        eps = jax.random.normal(rng_eps, z.shape, jnp.float32)
+        a_start = _bcast(abar[t_start])
+        z_start = jnp.sqrt(a_start) * z + jnp.sqrt(1.0 - a_start) * eps
+        # 3. GUIDANCE SCALE w ~ U[w_min, w_max] and its embedding (the student's timestep_cond).
+        w = jax.random.uniform(rng_w, (b,), jnp.float32, cfg.w_min, cfg.w_max)
+        w_emb = guidance_scale_embedding(w, cfg.w_embed_dim) if cfg.w_embed_dim else None
+        # 4. ONLINE PREDICTION f_theta(z_{t_{n+k}}, w, c, t_{n+k}).
+        model_pred = f_theta(student_fn, params, frozen, z_start, t_start, text, w_emb, added)
+        # 5. ONE ODE SOLVER STEP t_{n+k} -> t_n on the w-augmented PF-ODE (Eq. 9).
+        if cfg.solver == "data":  # LCF: the data's own estimate, x0 = z and eps = the noise drawn.
+            x0_hat, eps_hat = z, eps
+        else:
+            x0_hat, eps_hat = _teacher_cfg(teacher_fn, frozen, z_start, t_start, text, batch, w,
+                                           abar, pred_type)
+        z_end = schedules.ddim_step(z_start, eps_hat, x0_hat, a_start, _bcast(abar[t_end]))
+        z_end = jax.lax.stop_gradient(z_end)
+        # 6. TARGET f_theta-(z^Psi_{t_n}, w, c, t_n), no gradient.
+        target = jax.lax.stop_gradient(
+            f_theta(student_fn, target_params, frozen, z_end, t_end, text, w_emb, added))
+        # 7. CONSISTENCY DISTANCE (Eq. 10).
+        per_example = distance(model_pred, target, cfg.loss_type, cfg.huber_c)
+        terms = ConsistencyTerms(per_example, t_start, t_end, w, model_pred, target)
+        return jnp.mean(per_example), terms
+
+    return loss_fn
+
+
+def _teacher_cfg(teacher_fn, frozen, z_t, t, text, batch, w, abar, pred_type):
+    """Teacher x0 and eps with the LCM CFG form: x_c + w (x_c - x_u), one batched pass."""
+    b = z_t.shape[0]
+    both_text = jnp.concatenate([text, batch["uncond_embeds"]], axis=0)
+    added = batch.get("added_cond")
+    both_added = None
+    if added is not None:
+        un = batch.get("uncond_added_cond", added)
+        both_added = {key: jnp.concatenate([added[key], un[key]], axis=0) for key in added}
+    out = teacher_fn(None, frozen, jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
+                     both_text, None, both_added)
+    out = jax.lax.stop_gradient(out.astype(jnp.float32))
+    a = _bcast(abar[t])
+    x0_c, eps_c = schedules.predict_x0_eps(out[:b], z_t, a, pred_type)
+    x0_u, eps_u = schedules.predict_x0_eps(out[b:], z_t, a, pred_type)
+    wb = _bcast(w)
+    return x0_c + wb * (x0_c - x0_u), eps_c + wb * (eps_c - eps_u)
+
+
+def ema_update(target_params: Params, params: Params, decay: float) -> Params:
+    """theta- <- decay * theta- + (1 - decay) * theta (stop-gradient EMA, LCM Alg. 1)."""
+    return jax.tree.map(lambda t, p: decay * t + (1.0 - decay) * jax.lax.stop_gradient(p).astype(t.dtype),
+                        target_params, params)
+
+
+def _bcast(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)[:, None, None, None]

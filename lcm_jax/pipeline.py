@@ -1,0 +1,276 @@
+"""LCMPipeline: tokenizer + text encoder + jitted few-step sampler + VAE decode.
+
+    pipe = LCMPipeline.from_pretrained("path/to/diffusers/pipeline")
+    images = pipe("a red circle", num_inference_steps=4, guidance_scale=8.5)  # (B,H,W,3) in [0,1]
+
+A UNet with `time_cond_proj_dim` (a distilled LCM) is conditioned on w = guidance_scale - 1 and
+runs without classifier-free guidance, as diffusers' LatentConsistencyModelPipeline; a plain UNet
+(a teacher, or SD + LCM-LoRA) uses classifier-free guidance when guidance_scale > 1, as
+StableDiffusionPipeline. The whole sample (all UNet steps and the VAE decode) is one XLA program,
+compiled once per (sampler, steps, batch, size) and kept in a persistent compilation cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import sampling, schedules
+from lcm_jax.convert.common import WeightsError
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lcm_jax", "xla")
+SAMPLERS = ("lcm", "tcd", "ddim", "dpm")
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> str:
+    """Persistent XLA cache so a second process reuses compiled samplers (env LCM_JAX_CACHE_DIR)."""
+    path = path or os.environ.get("LCM_JAX_CACHE_DIR", DEFAULT_CACHE_DIR)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+@dataclasses.dataclass
+class Components:
+    """The loaded parts of a diffusers pipeline folder."""
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    text_encoder: Any
+    text_params: Any
+    tokenizer: Any
+    schedule: schedules.NoiseSchedule
+    scheduler_config: dict
+
+
+def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = None) -> Components:
+    """Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder."""
+    from lcm_jax.convert.clip import load_text_encoder, load_tokenizer
+    from lcm_jax.convert.unet import load_unet
+    from lcm_jax.convert.vae import load_vae
+
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.exists(index):
+        raise WeightsError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json "
+                           "(expected subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    with open(index) as f:
+        parts = json.load(f)
+    if "text_encoder_2" in parts and parts["text_encoder_2"] and parts["text_encoder_2"][0]:
+        raise WeightsError(f"{folder} is an SDXL pipeline (two text encoders); LCMPipeline loads "
+                           "single-encoder (SD 1.x/2.x) pipelines")
+    sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    try:
+        with open(sched_path) as f:
+            sched_cfg = json.load(f)
+    except FileNotFoundError as e:
+        raise WeightsError(f"{sched_path} not found: a pipeline folder needs scheduler/") from e
+    unet, up = load_unet(os.path.join(folder, "unet"), dtype=dtype, variant=variant)
+    vae, vp = load_vae(os.path.join(folder, "vae"), dtype=dtype, variant=variant)
+    te, tp = load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype, variant=variant)
+    tok = load_tokenizer(os.path.join(folder, "tokenizer"))
+    return Components(unet, up, vae, vp, te, tp, tok,
+                      schedules.NoiseSchedule.from_scheduler_config(sched_cfg), sched_cfg)
+
+
+def _check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
+                sampler: str) -> None:
+    if int(num_inference_steps) < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of 8 (the VAE's factor), "
+                         f"got {height}x{width}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
+
+
+class LCMPipeline:
+    """Text-to-image with a latent consistency model (or its teacher, for baselines)."""
+
+    def __init__(self, components: Components, cache_dir: Optional[str] = None):
+        self.c = components
+        self.unet_params = components.unet_params
+        self.cache_dir = enable_compilation_cache(cache_dir)
+        self._compiled: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,
+                        cache_dir: Optional[str] = None) -> "LCMPipeline":
+        return cls(load_components(folder, dtype=dtype, variant=variant), cache_dir=cache_dir)
+
+    # ----------------------------------------------------------------------------- LoRA
+    def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0) -> None:
+        """Adds LCM-LoRA weights (PEFT/diffusers or kohya safetensors) to the UNet.
+
+        fuse=True merges them into the UNet's kernels once; fuse=False keeps the factors and
+        merges inside the jitted sampler (same numbers; the base weights stay untouched).
+        """
+        from lcm_jax.convert.lora import load_lora
+        from lcm_jax.models import lora as lora_lib
+
+        factors, alpha_scale = load_lora(path, self.c.unet_params)
+        merged_scale = scale * alpha_scale
+        if fuse:
+            self.unet_params = jax.jit(lora_lib.merge, static_argnums=2)(self.unet_params, factors, merged_scale)
+            self._lora = None
+        else:
+            self._lora = (factors, merged_scale)
+        self._compiled.clear()
+
+    def unet_call_params(self):
+        lora = getattr(self, "_lora", None)
+        return (self.unet_params, None) if lora is None else (self.unet_params, lora[0])
+
+    # ----------------------------------------------------------------------------- text
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """CLIP last hidden state (B, 77, D) for the prompts; warns about truncated prompts."""
+        from lcm_jax.convert.clip import encode_prompt_ids
+
+        ids, truncated = encode_prompt_ids(self.c.tokenizer, list(prompts))
+        for p in truncated:
+            warnings.warn(f"prompt truncated to {ids.shape[1]} tokens (CLIP's limit): {p!r}")
+        return self._text_fn(self.c.text_params, jnp.asarray(ids))
+
+    @functools.cached_property
+    def _text_fn(self):
+        te = self.c.text_encoder
+        return jax.jit(lambda p, ids: te.apply({"params": p}, ids).last_hidden_state)
+
+    # ----------------------------------------------------------------------------- sampling
+    def timesteps(self, sampler: str, num_inference_steps: int, original_inference_steps: int = 50,
+                  timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+        T = self.c.schedule.num_train_timesteps
+        sc = self.c.scheduler_config
+        if sampler == "lcm":
+            return schedules.lcm_timesteps(None if timesteps else num_inference_steps,
+                                           original_inference_steps, T, timesteps=timesteps)
+        if sampler == "tcd":
+            return schedules.tcd_timesteps(None if timesteps else num_inference_steps,
+                                           original_inference_steps, T, timesteps=timesteps)
+        if sampler == "ddim":
+            return schedules.ddim_timesteps(num_inference_steps, T,
+                                            timestep_spacing=sc.get("timestep_spacing", "leading"),
+                                            steps_offset=sc.get("steps_offset", 0))
+        return schedules.dpm_timesteps(num_inference_steps, T,
+                                       timestep_spacing=sc.get("timestep_spacing", "linspace"),
+                                       steps_offset=sc.get("steps_offset", 0))
+
+    def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, debug: bool):
+        unet, vae, schedule = self.c.unet, self.c.vae, self.c.schedule
+        w_dim = unet.config.time_cond_proj_dim
+        ts = np.asarray(ts)
+
+        def generate(unet_params, lora, text, uncond, latents, w, rng, noises):
+            from lcm_jax.models import layers
+            from lcm_jax.models import lora as lora_lib
+
+            if lora is not None:
+                unet_params = lora_lib.merge(unet_params, lora[0], lora[1])
+            b = latents.shape[0]
+            t_cond = None if w_dim is None else layers.guidance_scale_embedding(
+                jnp.full((b,), w - 1.0), w_dim)
+
+            def model_fn(x, t):
+                if use_cfg:
+                    ctx = jnp.concatenate([uncond, text])
+                    out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]),
+                                     jnp.concatenate([t, t]), ctx)
+                    out_u, out_c = jnp.split(out, 2)
+                    return out_u + w * (out_c - out_u)
+                return unet.apply({"params": unet_params}, x, t, text, timestep_cond=t_cond)
+
+            if sampler == "lcm":
+                z = sampling.lcm_sample(model_fn, latents, schedule, ts, rng, noises=noises, debug=debug)
+            elif sampler == "tcd":
+                z = sampling.tcd_sample(model_fn, latents, schedule, ts, rng, gamma=gamma,
+                                        noises=noises, debug=debug)
+            elif sampler == "ddim":
+                z = sampling.ddim_sample(model_fn, latents, schedule, ts, debug=debug)
+            else:
+                z = sampling.dpm_solver_pp_sample(model_fn, latents, schedule, ts, debug=debug)
+            return decode_latents(vae, self.c.vae_params, z)
+
+        return generate if debug else jax.jit(generate)
+
+    def __call__(self, prompt: Union[str, Sequence[str]], num_inference_steps: int = 4,
+                 guidance_scale: float = 8.5, height: int = 512, width: int = 512,
+                 latents: Optional[np.ndarray] = None, seed: int = 0,
+                 original_inference_steps: int = 50, timesteps: Optional[Sequence[int]] = None,
+                 negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+                 sampler: str = "lcm", gamma: float = 0.3, noises: Optional[np.ndarray] = None,
+                 debug: bool = False) -> np.ndarray:
+        """Images (B, H, W, 3) float32 in [0, 1]. `latents` (NHWC) replace the seeded noise;
+        `noises` (steps, B, h, w, c) replace the re-noising draws of LCM/TCD (for comparisons)."""
+        _check_call(num_inference_steps, guidance_scale, height, width, sampler)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        text = self.encode_prompt(prompts)
+        b = len(prompts)
+        use_cfg = self.c.unet.config.time_cond_proj_dim is None and guidance_scale > 1.0
+        uncond = None
+        if use_cfg:
+            neg = negative_prompt if negative_prompt is not None else ""
+            neg = [neg] * b if isinstance(neg, str) else list(neg)
+            uncond = self.encode_prompt(neg)
+        shape = (b, height // 8, width // 8, self.c.unet.config.in_channels)
+        rng = jax.random.PRNGKey(seed)
+        rng_lat, rng_steps = jax.random.split(rng)
+        if latents is None:
+            latents = jax.random.normal(rng_lat, shape, jnp.float32)
+        elif tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents have shape {tuple(np.shape(latents))}, expected {shape} "
+                             "(NHWC, height/8 x width/8)")
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
+        key = (sampler, tuple(int(t) for t in ts), use_cfg, gamma, debug, noises is None)
+        if key not in self._compiled:
+            self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, debug)
+        params, lora = self.unet_call_params()
+        lora_arg = None if lora is None else (lora, self._lora[1])
+        images = self._compiled[key](params, lora_arg, text, uncond, jnp.asarray(latents, jnp.float32),
+                                     jnp.float32(guidance_scale), rng_steps,
+                                     None if noises is None else jnp.asarray(noises, jnp.float32))
+        return np.asarray(jax.device_get(images), np.float32)
+
+
+def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:
+    """Scaled latents -> images in [0, 1] (undo scaling/shift, decode, (x + 1) / 2, clip)."""
+    z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
+    image = vae.apply({"params": vae_params}, z, method="decode")
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def training_sample_grid(config, models, workdir: str, state, step: int) -> str:
+    """Writes samples/step_XXXXXX.png: the config's sample prompts at 1, 2 and 4 LCM steps."""
+    from lcm_jax.evaluate import save_grid
+
+    comps = Components(models.unet, _student_params(config, models, state), models.vae,
+                       models.frozen["vae"], models.text_encoder, models.frozen["text_encoder"],
+                       models.tokenizer, models.schedule, {})
+    pipe = LCMPipeline(comps)
+    size = config.data.resolution
+    guidance = 1.0 if config.method == "lcm_lora" else 8.0
+    rows = [pipe(list(config.sample_prompts), num_inference_steps=n, guidance_scale=guidance,
+                 height=size, width=size, seed=0) for n in (1, 2, 4)]
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_grid(np.concatenate(rows), path, nrow=len(config.sample_prompts),
+              labels=["1 step", "2 steps", "4 steps"])
+    return path
+
+
+def _student_params(config, models, state):
+    if config.method == "lcm_lora":
+        from lcm_jax.models import lora as lora_lib
+        return lora_lib.merge(models.frozen["teacher"], state.params, config.lora.alpha / config.lora.rank)
+    return state.target_params if state.target_params is not None else state.params

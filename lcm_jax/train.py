@@ -1,0 +1,472 @@
+"""Latent consistency distillation (and teacher training) in one jitted, sharded loop.
+
+    python -m lcm_jax.train --config=configs/tiny_lcd.py --workdir=runs/tiny [--config.x=y]
+
+The workdir is the run: it holds config.json, checkpoints/ (orbax), metrics.jsonl, TensorBoard
+events and samples/. Launching the same command again resumes from the latest checkpoint, and
+the same config and seed give the same numbers (batches and randomness are functions of the step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct, traverse_util
+
+from lcm_jax import schedules, sharding
+from lcm_jax.data import sources
+from lcm_jax.losses import consistency, diffusion
+from lcm_jax.models import lora as lora_lib
+
+Params = Any
+METHODS = ("lcd", "lcm_lora", "lcf", "diffusion")
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, bad config); the last good checkpoint stays."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params                   # what the optimizer updates (student UNet, or LoRA factors)
+    target_params: Optional[Params]  # EMA target theta- (LCD/LCF); None for LoRA and diffusion
+    opt_state: Any
+    rng: jax.Array                   # base key; step keys are fold_in(rng, step)
+
+
+class Models(NamedTuple):
+    """Everything built from config.model: modules, frozen weights and the noise schedule."""
+    unet: Any                       # the trained module (student or teacher-in-training)
+    init_params: Params             # its starting parameters (host numpy or jax)
+    teacher: Any                    # the frozen teacher module (None for LCF / diffusion)
+    frozen: dict                    # frozen weights: teacher, vae, text_encoder, uncond_embeds
+    schedule: schedules.NoiseSchedule
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+
+
+# =============================================================================================
+# Model
+# =============================================================================================
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def _with_zeros_for_missing(params: Params, shapes: Params) -> Params:
+    """`params` completed with zeros for every leaf of `shapes` it lacks (a new cond_proj)."""
+    flat = traverse_util.flatten_dict(params)
+    for path, s in traverse_util.flatten_dict(shapes).items():
+        if path not in flat:
+            flat[path] = np.zeros(s.shape, s.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _uses_w_embedding(config) -> bool:
+    return config.method in ("lcd", "lcf") and config.model.time_cond_proj_dim > 0
+
+
+def build_models(config: ml_collections.ConfigDict) -> Models:
+    """Teacher from a diffusers pipeline folder (or a random tiny UNet), student derived from it."""
+    from lcm_jax.convert.unet import unet_shapes
+    from lcm_jax.models.unet import UNet2DConditionModel
+
+    mc = config.model
+    compute = _dtype(mc.compute_dtype)
+    frozen: dict = {}
+    vae = text_encoder = tokenizer = None
+    if mc.teacher:
+        from lcm_jax.pipeline import load_components
+        comps = load_components(mc.teacher, dtype=compute)
+        unet_cfg, teacher_params = comps.unet.config.to_diffusers(), comps.unet_params
+        vae, text_encoder, tokenizer = comps.vae, comps.text_encoder, comps.tokenizer
+        frozen.update(vae=comps.vae_params, text_encoder=comps.text_params)
+        schedule = comps.schedule
+    else:
+        unet_cfg = dict(mc.unet.to_dict())
+        teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute)
+        teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(mc.init_seed),
+                                               *_dummy_inputs(teacher, config))["params"]
+        schedule = schedules.NoiseSchedule(prediction_type=mc.prediction_type)
+    teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute, remat=mc.remat)
+    if _uses_w_embedding(config):
+        student = UNet2DConditionModel.from_config(
+            {**unet_cfg, "time_cond_proj_dim": mc.time_cond_proj_dim}, dtype=compute, remat=mc.remat)
+        init = _with_zeros_for_missing(teacher_params, unet_shapes(student))
+    else:
+        student, init = teacher, teacher_params
+    if config.method == "lcm_lora":
+        frozen["teacher"] = teacher_params
+        init = lora_lib.init_lora(jax.random.PRNGKey(mc.init_seed + 1), teacher_params, config.lora.rank)
+    elif config.method == "lcd":
+        frozen["teacher"] = jax.tree.map(lambda x: jnp.asarray(x, _dtype(mc.teacher_dtype)), teacher_params)
+    return Models(student, init, teacher if config.method in ("lcd", "lcm_lora") else None,
+                  frozen, schedule, vae, text_encoder, tokenizer)
+
+
+def _dummy_inputs(unet, config) -> tuple:
+    n, c = config.data.latent_size, unet.config
+    return (jnp.zeros((1, n, n, c.in_channels)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, config.data.text_len, c.cross_attention_dim[0])))
+
+
+def make_model_fns(config, models: Models) -> tuple[Callable, Optional[Callable]]:
+    """student_fn / teacher_fn with the losses' signature (params, frozen, z, t, text, w, added)."""
+    unet, teacher = models.unet, models.teacher
+    scale = config.lora.alpha / config.lora.rank
+
+    def student_fn(params, frozen, z, t, text, w_emb, added):
+        if config.method == "lcm_lora":
+            params = lora_lib.merge(frozen["teacher"], params, scale)
+            w_emb = None
+        return unet.apply({"params": params}, z, t, text, timestep_cond=w_emb, added_cond_kwargs=added)
+
+    def teacher_fn(_, frozen, z, t, text, w_emb, added):
+        return teacher.apply({"params": frozen["teacher"]}, z, t, text, added_cond_kwargs=added)
+
+    return student_fn, (teacher_fn if teacher is not None else None)
+
+
+# =============================================================================================
+# Update step
+# =============================================================================================
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    oc = config.optim
+    if oc.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1)),
+                                   optax.constant_schedule(oc.learning_rate)], [oc.warmup_steps])
+    elif oc.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1),
+                                                max(config.total_steps, oc.warmup_steps + 1))
+    else:
+        raise ValueError(f"optim.schedule={oc.schedule!r}; choose 'constant' or 'cosine'")
+    tx = optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+    if oc.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx)
+    return tx, lr
+
+
+def make_loss(config, models: Models):
+    student_fn, teacher_fn = make_model_fns(config, models)
+    if config.method == "diffusion":
+        return diffusion.make_diffusion_loss(student_fn, models.schedule)
+    lc = config.loss
+    cfg = consistency.ConsistencyConfig(
+        num_ddim_timesteps=lc.num_ddim_timesteps, w_min=lc.w_min, w_max=lc.w_max,
+        w_embed_dim=config.model.time_cond_proj_dim if _uses_w_embedding(config) else None,
+        loss_type=lc.loss_type, huber_c=lc.huber_c, sigma_data=lc.sigma_data,
+        timestep_scaling=lc.timestep_scaling, solver="data" if config.method == "lcf" else lc.solver)
+    if config.method == "lcf":
+        cfg = dataclasses.replace(cfg, w_min=lc.lcf_w, w_max=lc.lcf_w)
+    return consistency.make_consistency_loss(student_fn, teacher_fn, models.schedule, cfg)
+
+
+def make_encode(config, models: Models) -> Callable:
+    """Raw batch -> latents and text embeddings (inside the jitted step, frozen VAE/text encoder)."""
+    def encode(frozen, batch, rng):
+        out = dict(batch)
+        if "pixel_values" in out:
+            post = models.vae.apply({"params": frozen["vae"]}, out.pop("pixel_values"), method="encode")
+            z = post.sample(rng)
+            shift = models.vae.shift_factor or 0.0
+            out["latents"] = ((z - shift) * models.vae.scaling_factor).astype(jnp.float32)
+        if "input_ids" in out:
+            te = models.text_encoder.apply({"params": frozen["text_encoder"]}, out.pop("input_ids"))
+            out["prompt_embeds"] = te.last_hidden_state.astype(jnp.float32)
+        b = out["latents"].shape[0]
+        uncond = jnp.broadcast_to(frozen["uncond_embeds"], (b,) + frozen["uncond_embeds"].shape[1:])
+        out["uncond_embeds"] = uncond
+        if config.method == "diffusion" and config.data.caption_dropout > 0:
+            drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), config.data.caption_dropout, (b,))
+            out["prompt_embeds"] = jnp.where(drop[:, None, None], uncond, out["prompt_embeds"])
+        return out
+    return encode
+
+
+def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr_fn) -> Callable:
+    """train_step(state, frozen, batch) -> (state, metrics); pure, one XLA program.
+
+    The step's randomness is fold_in(state.rng, state.step), so a resumed run draws exactly what
+    the uninterrupted one would. `frozen` is an argument (not a closure) to stay a sharded input.
+    """
+    loss_fn = make_loss(config, models)
+    encode = make_encode(config, models)
+    accum = config.optim.grad_accum_steps
+    has_target = config.method in ("lcd", "lcf")
+
+    def grads_of(params, target, frozen, batch, rng):
+        def f(p):
+            loss, _ = loss_fn(p, target if has_target else p, frozen, batch, rng)
+            return loss
+        return jax.value_and_grad(f)(params)
+
+    def train_step(state: TrainState, frozen, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        rng_enc, rng_loss = jax.random.split(rng)
+        batch = encode(frozen, batch, rng_enc)
+        if accum == 1:
+            loss, grads = grads_of(state.params, state.target_params, frozen, batch, rng_loss)
+        else:  # gradient accumulation over `accum` micro-batches, summed in a scan
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                l, g = grads_of(state.params, state.target_params, frozen, mb, jax.random.fold_in(rng_loss, i))
+                return jax.tree.map(jnp.add, carry, (l, g)), None
+
+            zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        target = state.target_params
+        if has_target:
+            target = consistency.ema_update(target, params, config.loss.ema_decay)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+        new = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state)
+        return new, metrics
+
+    return train_step
+
+
+# =============================================================================================
+# Checkpoints
+# =============================================================================================
+
+
+def checkpoint_manager(workdir: str, config):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpointing)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(mngr, state: TrainState, force: bool = False) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_checkpoint(mngr, abstract_state: TrainState) -> Optional[TrainState]:
+    """The latest complete checkpoint (orbax only exposes finalised ones), or None."""
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+# =============================================================================================
+# Logging
+# =============================================================================================
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step."""
+
+    def __init__(self, workdir: str, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def setup(config, mesh) -> dict:
+    """Models, state shardings, the compiled step and the data source; nothing trained yet."""
+    models = build_models(config)
+    tx, lr_fn = make_optimizer(config)
+    rules = [tuple(r) for r in config.sharding.rules]
+
+    def init_state(params):
+        params = jax.tree.map(lambda x: jnp.asarray(x, _dtype(config.model.param_dtype)), params)
+        target = params if config.method in ("lcd", "lcf") else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
+
+    state_shapes = jax.eval_shape(init_state, models.init_params)
+    state_sh = sharding.named(mesh, sharding.param_specs(state_shapes, mesh, rules))
+    frozen = dict(models.frozen)
+    tokenize = None
+    if models.tokenizer is not None:
+        from lcm_jax.convert.clip import encode_prompt_ids
+        tokenize = lambda caps: encode_prompt_ids(models.tokenizer, caps)[0]
+        frozen["uncond_embeds"] = models.text_encoder.apply(
+            {"params": frozen["text_encoder"]}, jnp.asarray(tokenize([""]))).last_hidden_state
+    ucfg = models.unet.config
+    text_shape = (config.data.text_len, ucfg.cross_attention_dim[0])
+    latent_shape = (config.data.latent_size, config.data.latent_size, ucfg.in_channels)
+    source = sources.make_source(config, tokenize, latent_shape, text_shape)
+    if "uncond_embeds" not in frozen:
+        frozen["uncond_embeds"] = source.uncond_embeds()
+    frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))
+    frozen = jax.device_put(frozen, frozen_sh)
+    state = jax.jit(init_state, out_shardings=state_sh)(models.init_params)
+    step_fn = jax.jit(make_train_step(config, models, tx, lr_fn), donate_argnums=(0,),
+                      in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_sh, sharding.replicated(mesh)))
+    return dict(models=models, state=state, state_sh=state_sh, frozen=frozen, step_fn=step_fn,
+                source=source)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """The whole run. Resumes from workdir's latest checkpoint; returns the final state."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ------------------------------------------------------------------ Mesh / Model / Shard
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    s = setup(config, mesh)
+    source, step_fn = s["source"], s["step_fn"]
+
+    # ------------------------------------------------------------------ Checkpoint
+    mngr = checkpoint_manager(workdir, config)
+    restored = restore_checkpoint(mngr, _abstract(s["state"], s["state_sh"]))
+    state = restored if restored is not None else s["state"]
+    start = int(state.step)
+    if restored is not None and is_main:
+        print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
+
+    # ------------------------------------------------------------------ Compile before data
+    batch0 = sharding.shard_batch(source.batch(start, jax.process_index(), jax.process_count()), mesh)
+    t0 = time.time()
+    step_fn = step_fn.lower(state, s["frozen"], batch0).compile()
+    if is_main:
+        print(f"compiled train step in {time.time() - t0:.1f}s; mesh {dict(mesh.shape)}; "
+              f"{jax.device_count()} devices, {jax.process_count()} processes", flush=True)
+
+    # ------------------------------------------------------------------ Loop
+    writer = MetricsWriter(workdir, start, enabled=is_main)
+    stop = {"sigterm": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    t_last, step_last = time.time(), start
+    sampler = make_sample_hook(config, s["models"], workdir) if is_main else None
+    try:
+        for step in range(start, config.total_steps):
+            batch = batch0 if step == start else sharding.shard_batch(
+                source.batch(step, jax.process_index(), jax.process_count()), mesh)
+            new_state, metrics = step_fn(state, s["frozen"], batch)
+            if not bool(metrics["finite"]):
+                raise TrainingError(f"non-finite loss or gradient at step {step + 1} (loss="
+                                    f"{float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])});"
+                                    " stopping; the last good checkpoint is kept. Lower "
+                                    "optim.learning_rate or enable optim.grad_clip.")
+            state, done = new_state, step + 1
+            if done % config.log_every == 0 or done == config.total_steps:
+                now = time.time()
+                sps = (done - step_last) / max(now - t_last, 1e-9)
+                row = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size)
+                writer.write(done, row)
+                if is_main:
+                    eta = (config.total_steps - done) / max(sps, 1e-9)
+                    print(f"step {done}/{config.total_steps} loss {row['loss']:.5f} grad_norm "
+                          f"{row['grad_norm']:.3f} lr {row['lr']:.2e} {sps:.2f} steps/s "
+                          f"{row['examples_per_s']:.1f} ex/s ETA {_fmt_eta(eta)}", flush=True)
+                t_last, step_last = now, done
+            if done % config.checkpoint_every == 0 or done == config.total_steps or stop["sigterm"]:
+                save_checkpoint(mngr, state, force=stop["sigterm"])
+            if sampler is not None and config.sample_every and done % config.sample_every == 0:
+                sampler(state, done)
+            if stop["sigterm"]:
+                print(f"SIGTERM: saved step {done}, exiting", flush=True)
+                break
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous)
+    return state
+
+
+def make_sample_hook(config, models: Models, workdir: str) -> Optional[Callable]:
+    """Few-step sample grids at fixed prompts under workdir/samples (needs a VAE and tokenizer)."""
+    if not config.sample_every or models.vae is None or config.method == "diffusion":
+        return None
+    from lcm_jax.pipeline import training_sample_grid
+    return functools.partial(training_sample_grid, config, models, workdir)
+
+
+def main(argv) -> None:
+    from absl import flags, logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    flags_ = flags.FLAGS
+    if flags_.jax_distributed:
+        jax.distributed.initialize()
+    train_and_evaluate(flags_.config, flags_.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (resumes from its checkpoints)")
+    flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() (multi-host)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,115 @@
+"""Frechet distance against closed forms, the shipped classifier on real and noise images, grids."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcm_jax import evaluate
+from lcm_jax.convert.common import WeightsError
+from lcm_jax.data import shapes
+
+
+def _with_moments(rng, n, mean, cov):
+    """n samples whose empirical mean and (unbiased) covariance are exactly `mean` and `cov`."""
+    x = rng.standard_normal((n, len(mean)))
+    x -= x.mean(0)
+    x = x @ np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T
+    return x @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_closed_form():
+    # Covariances sharing eigenvectors Q: FD = |m1 - m2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.default_rng(0)
+    d = 6
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.2, 3.0, d), rng.uniform(0.2, 3.0, d)
+    m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
+    x = _with_moments(rng, 500, m1, q @ np.diag(a) @ q.T)
+    y = _with_moments(rng, 700, m2, q @ np.diag(b) @ q.T)
+    expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert abs(evaluate.frechet_distance(x, y) - expected) <= 1e-8 * expected
+
+
+def test_frechet_distance_matches_scipy_on_general_covariances():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(1)
+    s1 = np.cov(rng.standard_normal((200, 8)) @ rng.standard_normal((8, 8)), rowvar=False)
+    s2 = np.cov(rng.standard_normal((200, 8)) @ rng.standard_normal((8, 8)), rowvar=False)
+    m1, m2 = rng.standard_normal(8), rng.standard_normal(8)
+    ref = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
+           - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
+    ours = evaluate.frechet_distance_from_stats(m1, s1, m2, s2)
+    assert abs(ours - ref) <= 1e-7 * abs(ref)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(2).standard_normal((300, 32)) * 3 + 1
+    assert evaluate.frechet_distance(feats, feats) < 1e-8 * np.trace(np.cov(feats, rowvar=False))
+    assert evaluate.frechet_distance(feats, feats + 0.5) == pytest.approx(32 * 0.25, rel=1e-8)
+    with pytest.raises(ValueError, match="differ in width"):
+        evaluate.frechet_distance(feats, feats[:, :4])
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return evaluate.ShapesEvaluator(num_real=500)
+
+
+def test_classifier_reads_real_images_and_not_noise(evaluator):
+    prompts, attrs = evaluate.heldout_prompts(250)
+    images, captions, _ = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(250))
+    assert prompts == captions
+    real = evaluator(images.astype(np.float32) / 255, prompts)
+    assert real["prompt_accuracy"] >= 0.97, real
+    noise = np.random.default_rng(0).uniform(0, 1, images.shape).astype(np.float32)
+    fake = evaluator(noise, prompts)
+    assert fake["prompt_accuracy"] <= 0.02, fake
+    # Real images of another part of the world are far closer to the reference set than noise.
+    assert real["fd"] < 0.05 * fake["fd"], (real["fd"], fake["fd"])
+
+
+def test_heldout_prompts_are_fixed_and_parse():
+    prompts, attrs = evaluate.heldout_prompts(20)
+    assert evaluate.heldout_prompts(20)[0] == prompts
+    assert prompts != evaluate.heldout_prompts(20, seed=0)[0]
+    labels = evaluate.attrs_to_labels(attrs)
+    assert set(labels) == {name for name, _ in evaluate.classifier_heads()}
+    np.testing.assert_array_equal(
+        evaluate.attrs_to_labels(shapes.stack_attrs([shapes.parse_caption(p) for p in prompts]))[
+            "position_1"], labels["position_1"])
+
+
+def test_evaluator_rejects_wrong_image_size(evaluator):
+    with pytest.raises(ValueError, match=r"expected images \(N, 64, 64, 3\)"):
+        evaluator.features(np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_load_classifier_errors(tmp_path):
+    with pytest.raises(WeightsError, match="no classifier config"):
+        evaluate.load_classifier(str(tmp_path))
+    bad = tmp_path / "bad"
+    shutil.copytree(evaluate.CLASSIFIER_DIR, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["features"] = 7
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"features/kernel has shape"):
+        evaluate.load_classifier(str(bad))
+
+
+def test_shipped_classifier_is_small():
+    size = os.path.getsize(os.path.join(evaluate.CLASSIFIER_DIR, "model.safetensors"))
+    assert size < 2 * 2**20
+
+
+def test_save_grid(tmp_path):
+    images = np.random.default_rng(0).uniform(0, 1, (10, 64, 64, 3))
+    path = str(tmp_path / "grid.png")
+    assert evaluate.save_grid(images, path, nrow=4) == (4 * 66 + 2, 3 * 66 + 2)
+    assert Image.open(path).size == (266, 200)
+    size = evaluate.save_grid(images, path, nrow=5, labels=["1 step", "4 steps"])
+    assert Image.open(path).size == size and size[0] > 5 * 66 + 2 and size[1] == 2 * 66 + 2
+    with pytest.raises(ValueError, match="3 labels for 2 rows"):
+        evaluate.save_grid(images, path, nrow=5, labels=["a", "b", "c"])

@@ -1,0 +1,76 @@
+"""LCMPipeline against diffusers' LatentConsistencyModelPipeline on a tiny random-weight folder."""
+import numpy as np
+import pytest
+import torch
+
+from tiny_pipeline import build_pipeline
+
+from lcm_jax.convert.common import WeightsError
+from lcm_jax.pipeline import LCMPipeline
+
+PROMPTS = ["a red circle", "a big blue star at the top"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lcm_pipeline")
+    return str(path), build_pipeline(str(path))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder, tmp_path_factory):
+    return LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path_factory.mktemp("xla")))
+
+
+def _torch_reference(tpipe, steps, latents_nhwc, seed):
+    """diffusers' images and the re-noising draws its LCMScheduler made (same generator order)."""
+    latents = torch.from_numpy(latents_nhwc.transpose(0, 3, 1, 2).copy())
+    g = torch.Generator().manual_seed(seed)
+    out = tpipe(PROMPTS, num_inference_steps=steps, guidance_scale=8.5, height=64, width=64,
+                latents=latents, generator=g, output_type="np", original_inference_steps=50)
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(latents.shape, generator=g).numpy().transpose(0, 2, 3, 1) for _ in range(steps)]
+    return out.images, np.stack(noises)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_matches_diffusers(folder, pipe, steps):
+    tpipe = folder[1]
+    latents = np.random.default_rng(steps).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ref, noises = _torch_reference(tpipe, steps, latents, seed=steps)
+    ours = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=8.5, height=64, width=64,
+                latents=latents, noises=noises)
+    assert ours.shape == ref.shape == (2, 64, 64, 3)
+    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+
+
+def test_seeded_and_jit_equals_debug(pipe):
+    a = pipe(PROMPTS[:1], num_inference_steps=2, height=64, width=64, seed=3)
+    b = pipe(PROMPTS[:1], num_inference_steps=2, height=64, width=64, seed=3)
+    c = pipe(PROMPTS[:1], num_inference_steps=2, height=64, width=64, seed=4)
+    d = pipe(PROMPTS[:1], num_inference_steps=2, height=64, width=64, seed=3, debug=True)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    np.testing.assert_allclose(a, d, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(height=60), "multiples of 8"),
+    (dict(sampler="euler"), "sampler 'euler' unknown"),
+])
+def test_bad_arguments(pipe, kwargs, match):
+    args = {"height": 64, "width": 64, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle", **args)
+
+
+def test_long_prompt_warns(pipe):
+    with pytest.warns(UserWarning, match="truncated"):
+        pipe("a very long prompt that does not fit", num_inference_steps=1, height=64, width=64)
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(WeightsError, match="no model_index.json"):
+        LCMPipeline.from_pretrained(str(tmp_path))

@@ -1,0 +1,129 @@
+"""The shapes world: determinism, captions that say what the pixels show, the tokenizer."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcm_jax.data import shapes
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(shapes.__file__), "..", "assets", "shapes",
+                             "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return shapes.ShapesWorld(0).batch(range(1000))
+
+
+def _rgb(name):
+    return np.array(shapes._RGB[name], np.uint8)
+
+
+def test_deterministic_per_seed_and_index(samples):
+    images, captions, attrs = samples
+    image, caption, one = shapes.ShapesWorld(0).sample(17)
+    np.testing.assert_array_equal(image, images[17])
+    assert caption == captions[17]
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    again, _, _ = shapes.ShapesWorld(0).batch([17, 3])
+    np.testing.assert_array_equal(again, images[[17, 3]])
+    other, other_captions, _ = shapes.ShapesWorld(1).batch(range(20))
+    assert other_captions != captions[:20] and not np.array_equal(other, images[:20])
+
+
+def test_attributes_are_valid(samples):
+    _, captions, attrs = samples
+    n = attrs["num_shapes"]
+    assert set(np.unique(n)) == {1, 2}
+    assert (attrs["shape"][n == 1, 1] == -1).all() and (attrs["shape"][n == 2] >= 0).all()
+    two = n == 2
+    assert (attrs["position"][two, 0] < attrs["position"][two, 1]).all()   # reading order
+    for bg, colors, k in zip(attrs["background"], attrs["color"], n):
+        assert shapes.BACKGROUNDS[bg] not in {shapes.COLORS[c] for c in colors[:k]}
+    assert len(set(captions)) > 900
+
+
+def test_caption_round_trip_and_vocabulary(samples):
+    _, captions, attrs = samples
+    vocab = set(shapes.vocabulary())
+    for i, caption in enumerate(captions):
+        parsed = shapes.parse_caption(caption)
+        for key in shapes.ATTR_KEYS:
+            np.testing.assert_array_equal(parsed[key], attrs[key][i])
+        assert shapes.caption_from_attrs(parsed) == caption
+        assert set(caption.split()) <= vocab
+    assert shapes.parse_caption("A small RED circle  in the center on a gray background")[
+        "position"][0] == shapes.POSITIONS.index("center")
+
+
+def test_parse_caption_rejects_other_text():
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        shapes.parse_caption("a small red hexagon at the top on a gray background")
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        shapes.parse_caption("a photo of a cat")
+
+
+def test_pixels_show_the_caption(samples):
+    images, _, attrs = samples
+    for i in range(200):
+        image, k = images[i], attrs["num_shapes"][i]
+        bg = _rgb(shapes.BACKGROUNDS[attrs["background"][i]])
+        changed = np.any(image != bg, axis=-1)
+        cells = np.zeros((64, 64), bool)
+        for slot in range(k):
+            r, c = divmod(int(attrs["position"][i, slot]), 3)
+            y0, x0 = int(r * 64 / 3), int(c * 64 / 3)
+            cell = image[y0:y0 + 21, x0:x0 + 21]
+            color = _rgb(shapes.COLORS[attrs["color"][i, slot]])
+            full = np.all(cell == color, axis=-1).sum()
+            mixed = (np.any(cell != color, -1) & np.any(cell != bg, -1)).sum()
+            assert full >= 10 and mixed >= 4, (i, slot, full, mixed)   # solid and anti-aliased
+            cells[y0:y0 + 22, x0:x0 + 22] = True
+        assert not (changed & ~cells).any(), f"sample {i} has pixels outside its shapes' cells"
+
+
+def test_large_shapes_are_larger():
+    world = shapes.ShapesWorld(0)
+    attrs = shapes.stack_attrs([world.attrs(i) for i in range(300)])
+    one = attrs["num_shapes"] == 1
+    images = shapes.render(attrs, np.zeros((300, 2, 3)))
+    bg = np.array([shapes._RGB[shapes.BACKGROUNDS[b]] for b in attrs["background"]])
+    area = np.any(images != bg[:, None, None].astype(np.uint8), -1).sum((1, 2))
+    small, large = area[one & (attrs["size"][:, 0] == 0)], area[one & (attrs["size"][:, 0] == 1)]
+    assert small.max() < large.min()
+
+
+def test_write_image_folder(tmp_path, samples):
+    world = shapes.ShapesWorld(0)
+    meta = shapes.write_image_folder(world, str(tmp_path / "folder"), num=5, start=10)
+    lines = [json.loads(line) for line in open(meta)]
+    assert [m["file_name"] for m in lines] == [f"{i:08d}.png" for i in range(10, 15)]
+    assert [m["text"] for m in lines] == samples[1][10:15]
+    png = np.asarray(Image.open(tmp_path / "folder" / lines[2]["file_name"]))
+    np.testing.assert_array_equal(png, samples[0][12])
+
+
+def test_bad_seed_and_index():
+    with pytest.raises(ValueError, match="non-negative int"):
+        shapes.ShapesWorld(-1)
+    with pytest.raises(ValueError, match="index must be non-negative"):
+        shapes.ShapesWorld(0).sample(-3)
+
+
+def test_tokenizer_covers_every_caption(samples):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert tok.eos_token_id == len(tok) - 1 and tok.bos_token_id == len(tok) - 2
+    words = {w: tok.convert_tokens_to_ids(w + "</w>") for w in shapes.vocabulary()}
+    assert tok.eos_token_id not in words.values()
+    captions = samples[1]
+    enc = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=False)
+    for caption, ids in zip(captions, enc.input_ids):
+        assert len(ids) == tok.model_max_length
+        body = ids[1:ids.index(tok.eos_token_id)]
+        assert ids[0] == tok.bos_token_id
+        assert body == [words[w] for w in caption.split()], caption
+        assert tok.decode(ids, skip_special_tokens=True) == caption
