@@ -32,6 +32,7 @@ setup(
             "diffusers>=0.40",
             "transformers>=5.0",
             "accelerate",
+            "peft>=0.17",
             "pytest>=8",
         ],
     },

@@ -14,6 +14,7 @@ def get_config(arg=None):
     c.total_steps = 50
     c.batch_size = 8
     c.log_every = 5
+    c.eval_every = 10
     c.checkpoint_every = 25
     c.async_checkpointing = False
     c.model.unet = tiny_unet()

@@ -18,7 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    c.eval_every = 0            # fixed-batch, fixed-noise loss every N steps (at log steps); 0: off
     c.sample_every = 0          # 0: no sample grids during training
+    c.compilation_cache_dir = ""  # persistent XLA cache; "" = $LCM_JAX_CACHE_DIR or ~/.cache/lcm_jax/xla
     c.sample_prompts = ["a photograph of an astronaut riding a horse"]
 
     c.model = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@
   - `fd`: Frechet distance between its penultimate features of the generated images and of real
     images of the world (the FID recipe, with a classifier that knows this world);
   - `prompt_accuracy`: the fraction of images whose every predicted attribute matches the prompt;
-  - `acc/<head>`: per-attribute accuracy.
+  - `acc/<attribute>`: per-attribute accuracy (background, num_shapes, shape, color, ...).
 `heldout_prompts` gives prompts from the evaluation split of the world (`shapes.EVAL_SEED`).
 """
 from __future__ import annotations
@@ -76,24 +76,42 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def classifier_heads() -> tuple[tuple[str, int], ...]:
-    """(head, classes) of the shapes classifier; slot heads have a last 'absent' class."""
-    heads = [("background", len(shapes.BACKGROUNDS)), ("num_shapes", 2)]
-    for slot in range(2):
-        heads += [(f"{key}_{slot}", len(_SLOT_NAMES[key]) + 1) for key in shapes.SLOT_KEYS]
-    return tuple(heads)
+def classifier_cell_heads() -> tuple[tuple[str, int], ...]:
+    """(attribute, classes) of the per-cell classifier heads; the last class means 'empty'."""
+    return tuple((key, len(_SLOT_NAMES[key]) + 1) for key in ("shape", "color", "size"))
 
 
-def attrs_to_labels(attrs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stacked world attributes (see shapes.py) -> integer label per classifier head."""
-    labels = {"background": np.asarray(attrs["background"]),
-              "num_shapes": np.asarray(attrs["num_shapes"]) - 1}
-    for key in shapes.SLOT_KEYS:
-        values = np.asarray(attrs[key])
+def attrs_to_cells(attrs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked world attributes -> classifier targets: background (B,), shape/color/size (B, 9)."""
+    shape = np.asarray(attrs["shape"])
+    b, cells = shape.shape[0], len(shapes.POSITIONS)
+    out = {"background": np.asarray(attrs["background"], np.int32)}
+    for key, n in classifier_cell_heads():
+        grid = np.full((b, cells), n - 1, np.int32)
         for slot in range(2):
-            v = values[..., slot]
-            labels[f"{key}_{slot}"] = np.where(v < 0, len(_SLOT_NAMES[key]), v)
-    return {k: v.astype(np.int32) for k, v in labels.items()}
+            rows = np.nonzero(shape[:, slot] >= 0)[0]
+            grid[rows, np.asarray(attrs["position"])[rows, slot]] = np.asarray(attrs[key])[rows, slot]
+        out[key] = grid
+    return out
+
+
+def cells_to_attrs(cells: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-cell class predictions -> stacked world attributes (shapes in reading order).
+
+    `num_shapes` counts the occupied cells (it can be 0 or more than 2 for a bad image); the
+    slots hold the first two occupied cells, -1 where there is none.
+    """
+    empty = len(shapes.SHAPES)
+    occupied = np.asarray(cells["shape"]) != empty
+    out = {"background": np.asarray(cells["background"], np.int32),
+           "num_shapes": occupied.sum(1).astype(np.int32)}
+    order = np.argsort(~occupied, axis=1, kind="stable")[:, :2]        # occupied cells first
+    present = np.take_along_axis(occupied, order, 1)
+    out["position"] = np.where(present, order, -1).astype(np.int32)
+    for key in ("shape", "color", "size"):
+        values = np.take_along_axis(np.asarray(cells[key]), order, 1)
+        out[key] = np.where(present, values, -1).astype(np.int32)
+    return out
 
 
 def heldout_prompts(n: int, seed: int = shapes.EVAL_SEED) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -113,10 +131,12 @@ def load_classifier(path: str = CLASSIFIER_DIR) -> tuple[ShapesClassifier, dict]
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise WeightsError(f"no classifier config at {config_path}; train one with "
-                           "`python tools/train_shapes_classifier.py --out {path}`")
+                           f"`python tools/train_shapes_classifier.py --out {path}`")
     with open(config_path) as f:
         config = json.load(f)
-    model = ShapesClassifier(heads=tuple((h, n) for h, n in config["heads"]),
+    model = ShapesClassifier(num_backgrounds=config["num_backgrounds"],
+                             cell_heads=tuple((h, n) for h, n in config["cell_heads"]),
+                             grid=config["grid"],
                              layers=tuple(tuple(layer) for layer in config["layers"]),
                              features=config["features"])
     weights_path = os.path.join(path, "model.safetensors")
@@ -177,8 +197,8 @@ class ShapesEvaluator:
         return {k: np.concatenate([lg[k] for lg in logits]) for k in logits[0]}, np.concatenate(feats)
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Predicted label per classifier head (see `attrs_to_labels`)."""
-        return {k: v.argmax(-1) for k, v in self._run(images)[0].items()}
+        """Predicted stacked world attributes (see shapes.py) of float [0, 1] NHWC images."""
+        return cells_to_attrs({k: v.argmax(-1) for k, v in self._run(images)[0].items()})
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Penultimate classifier features (N, D) of float [0, 1] NHWC images."""
@@ -192,21 +212,25 @@ class ShapesEvaluator:
         return _REAL_FEATURES[self.key]
 
     def prompt_accuracy(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
-        """`prompt_accuracy` (all attributes right) and `acc/<head>` for images and prompts."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        truth = attrs_to_labels(shapes.stack_attrs([shapes.parse_caption(p) for p in prompts]))
-        pred = self.predict(images)
-        hits = {k: pred[k] == truth[k] for k in truth}
-        out = {"prompt_accuracy": float(np.mean(np.all(list(hits.values()), axis=0)))}
-        out.update({f"acc/{k}": float(v.mean()) for k, v in hits.items()})
-        return out
+        """`prompt_accuracy` (every attribute right) and `acc/<attribute>` (both slots right)."""
+        return self._accuracy(self._run(images)[0], prompts)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
         """`fd` against real images plus everything `prompt_accuracy` returns."""
         logits, feats = self._run(images)
         out = {"fd": frechet_distance(feats, self.real_features()) if len(feats) > 1 else math.nan}
-        out.update(self.prompt_accuracy(images, prompts))
+        out.update(self._accuracy(logits, prompts))
+        return out
+
+    @staticmethod
+    def _accuracy(logits: Mapping[str, np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
+        truth = shapes.stack_attrs([shapes.parse_caption(p) for p in prompts])
+        if len(logits["background"]) != len(prompts):
+            raise ValueError(f"{len(logits['background'])} images but {len(prompts)} prompts")
+        pred = cells_to_attrs({k: v.argmax(-1) for k, v in logits.items()})
+        hits = {k: np.all((pred[k] == truth[k]).reshape(len(prompts), -1), 1) for k in truth}
+        out = {"prompt_accuracy": float(np.mean(np.all(list(hits.values()), axis=0)))}
+        out.update({f"acc/{k}": float(v.mean()) for k, v in hits.items()})
         return out
 
 

@@ -157,8 +157,10 @@ class LCMPipeline:
             return schedules.lcm_timesteps(None if timesteps else num_inference_steps,
                                            original_inference_steps, T, timesteps=timesteps)
         if sampler == "tcd":
-            return schedules.tcd_timesteps(None if timesteps else num_inference_steps,
-                                           original_inference_steps, T, timesteps=timesteps)
+            # TCDPipeline's default: pick from the model's 50-step grid (an explicit
+            # original_inference_steps would switch TCD to all T training steps).
+            return schedules.tcd_timesteps(None if timesteps else num_inference_steps, None, T,
+                                           timesteps=timesteps)
         if sampler == "ddim":
             return schedules.ddim_timesteps(num_inference_steps, T,
                                             timestep_spacing=sc.get("timestep_spacing", "leading"),

@@ -89,6 +89,32 @@ def shard_batch(batch: Params, mesh: Mesh) -> Params:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def put_global(tree: Params, shardings: Params) -> Params:
+    """Host arrays (the same on every process) -> global arrays, each device taking only its shard.
+
+    Unlike `jax.device_put`, this needs no cross-process check, and a device never holds more
+    than its shard of a large parameter.
+    """
+    def put(x, s):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits for every process (key-value store barrier: no collective, long timeout).
+
+    CPU collectives give up if a peer is more than ~30 s late to the first one; processes that
+    load and compile at different speeds meet here first.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def per_device_bytes(shapes: Params, shardings: Params) -> int:
     """Bytes one device holds for a sharded tree (computed from shapes, nothing allocated)."""
     total = 0

@@ -246,6 +246,24 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
     return train_step
 
 
+def make_eval_loss(config, models: Models) -> Callable:
+    """eval_loss(state, frozen, batch) -> the loss with a fixed key on a fixed batch.
+
+    The training loss is drawn at a new (n, eps, w) every step, so its curve is dominated by
+    that draw; the same draw every time gives a low-variance curve that shows learning.
+    """
+    loss_fn = make_loss(config, models)
+    encode = make_encode(config, models)
+    has_target = config.method in ("lcd", "lcf")
+    key = jax.random.PRNGKey(config.seed + 1)
+
+    def eval_loss(state: TrainState, frozen, batch):
+        target = state.target_params if has_target else state.params
+        return loss_fn(state.params, target, frozen, encode(frozen, batch, key), key)[0]
+
+    return eval_loss
+
+
 # =============================================================================================
 # Checkpoints
 # =============================================================================================
@@ -315,10 +333,14 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _fmt_eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
+def _progress_line(step: int, total: int, row: dict) -> str:
+    """'step 10/50 loss ... grad_norm ... lr ... 4.1 steps/s 33 ex/s ETA 0:00:09'."""
+    m, sec = divmod(int((total - step) / max(row["steps_per_s"], 1e-9)), 60)
     h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+    ev = f" eval_loss {row['eval_loss']:.5f}" if "eval_loss" in row else ""
+    return (f"step {step}/{total} loss {row['loss']:.5f}{ev} grad_norm {row['grad_norm']:.3f} "
+            f"lr {row['lr']:.2e} {row['steps_per_s']:.2f} steps/s "
+            f"{row['examples_per_s']:.1f} ex/s ETA {h}:{m:02d}:{sec:02d}")
 
 
 # =============================================================================================
@@ -358,13 +380,16 @@ def setup(config, mesh) -> dict:
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
     frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))
-    frozen = jax.device_put(frozen, frozen_sh)
-    state = jax.jit(init_state, out_shardings=state_sh)(models.init_params)
+    sharding.barrier("lcm_jax_setup")
+    frozen = sharding.put_global(frozen, frozen_sh)
+    init_params = sharding.put_global(models.init_params, state_sh.params)
+    state = jax.jit(init_state, out_shardings=state_sh)(init_params)
     step_fn = jax.jit(make_train_step(config, models, tx, lr_fn), donate_argnums=(0,),
                       in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                       out_shardings=(state_sh, sharding.replicated(mesh)))
+    eval_fn = jax.jit(make_eval_loss(config, models), out_shardings=sharding.replicated(mesh))
     return dict(models=models, state=state, state_sh=state_sh, frozen=frozen, step_fn=step_fn,
-                source=source)
+                eval_fn=eval_fn, source=source)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -372,6 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
     os.makedirs(workdir, exist_ok=True)
+    from lcm_jax.pipeline import enable_compilation_cache
+    enable_compilation_cache(config.compilation_cache_dir or None)  # restarts skip the compile
     is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -400,6 +427,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # ------------------------------------------------------------------ Loop
     writer = MetricsWriter(workdir, start, enabled=is_main)
+    eval_batch = None
+    if config.eval_every:  # a fixed batch the run never trains on (step index -1)
+        eval_batch = sharding.shard_batch(
+            source.batch(2 ** 30, jax.process_index(), jax.process_count()), mesh)
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
     t_last, step_last = time.time(), start
@@ -420,12 +451,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 sps = (done - step_last) / max(now - t_last, 1e-9)
                 row = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size)
+                if eval_batch is not None and (done % config.eval_every == 0 or done == config.total_steps):
+                    row["eval_loss"] = float(s["eval_fn"](state, s["frozen"], eval_batch))
                 writer.write(done, row)
                 if is_main:
-                    eta = (config.total_steps - done) / max(sps, 1e-9)
-                    print(f"step {done}/{config.total_steps} loss {row['loss']:.5f} grad_norm "
-                          f"{row['grad_norm']:.3f} lr {row['lr']:.2e} {sps:.2f} steps/s "
-                          f"{row['examples_per_s']:.1f} ex/s ETA {_fmt_eta(eta)}", flush=True)
+                    print(_progress_line(done, config.total_steps, row), flush=True)
                 t_last, step_last = now, done
             if done % config.checkpoint_every == 0 or done == config.total_steps or stop["sigterm"]:
                 save_checkpoint(mngr, state, force=stop["sigterm"])
@@ -456,7 +486,12 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     flags_ = flags.FLAGS
-    if flags_.jax_distributed:
+    if flags_.num_processes > 1 or flags_.coordinator:
+        # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and SLURM
+        # clusters `--jax_distributed` lets JAX discover the topology itself.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(flags_.coordinator, flags_.num_processes, flags_.process_id)
+    elif flags_.jax_distributed:
         jax.distributed.initialize()
     train_and_evaluate(flags_.config, flags_.workdir)
 
@@ -468,5 +503,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (resumes from its checkpoints)")
     flags.DEFINE_bool("jax_distributed", False, "call jax.distributed.initialize() (multi-host)")
+    flags.DEFINE_string("coordinator", "", "host:port of process 0 for an explicit multi-process launch")
+    flags.DEFINE_integer("num_processes", 1, "number of processes in an explicit launch")
+    flags.DEFINE_integer("process_id", 0, "this process's index in an explicit launch")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

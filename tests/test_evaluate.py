@@ -75,11 +75,20 @@ def test_heldout_prompts_are_fixed_and_parse():
     prompts, attrs = evaluate.heldout_prompts(20)
     assert evaluate.heldout_prompts(20)[0] == prompts
     assert prompts != evaluate.heldout_prompts(20, seed=0)[0]
-    labels = evaluate.attrs_to_labels(attrs)
-    assert set(labels) == {name for name, _ in evaluate.classifier_heads()}
-    np.testing.assert_array_equal(
-        evaluate.attrs_to_labels(shapes.stack_attrs([shapes.parse_caption(p) for p in prompts]))[
-            "position_1"], labels["position_1"])
+    parsed = shapes.stack_attrs([shapes.parse_caption(p) for p in prompts])
+    for key in shapes.ATTR_KEYS:
+        np.testing.assert_array_equal(parsed[key], attrs[key])
+
+
+def test_cell_targets_round_trip_to_attributes():
+    _, attrs = evaluate.heldout_prompts(500, seed=3)
+    cells = evaluate.attrs_to_cells(attrs)
+    assert cells["shape"].shape == (500, 9)
+    back = evaluate.cells_to_attrs(cells)
+    for key in shapes.ATTR_KEYS:
+        np.testing.assert_array_equal(back[key], attrs[key])
+    cells["shape"][:, :] = 0                                   # a shape in every cell
+    assert (evaluate.cells_to_attrs(cells)["num_shapes"] == 9).all()
 
 
 def test_evaluator_rejects_wrong_image_size(evaluator):
@@ -95,7 +104,8 @@ def test_load_classifier_errors(tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["features"] = 7
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"features/kernel has shape"):
+    with pytest.raises(WeightsError,
+                       match=r"cell_mlp_0/bias has shape \(128,\), the config needs \(7,\)"):
         evaluate.load_classifier(str(bad))
 
 

@@ -63,10 +63,24 @@ def test_parse_caption_rejects_other_text():
         shapes.parse_caption("a small red hexagon at the top on a gray background")
     with pytest.raises(ValueError, match="not a shapes-world caption"):
         shapes.parse_caption("a photo of a cat")
+    with pytest.raises(ValueError, match="puts both shapes at the top"):
+        shapes.parse_caption("a small red star at the top and a large blue star at the top on a "
+                             "gray background")
+    with pytest.raises(ValueError, match="shape of the background colour"):
+        shapes.parse_caption("a small white star at the top on a white background")
+
+
+def test_parse_caption_puts_shapes_in_reading_order():
+    swapped = ("a large blue square at the bottom right and a small red circle at the top left "
+               "on a gray background")
+    canonical = ("a small red circle at the top left and a large blue square at the bottom right "
+                 "on a gray background")
+    assert shapes.caption_from_attrs(shapes.parse_caption(swapped)) == canonical
 
 
 def test_pixels_show_the_caption(samples):
     images, _, attrs = samples
+    blended = []
     for i in range(200):
         image, k = images[i], attrs["num_shapes"][i]
         bg = _rgb(shapes.BACKGROUNDS[attrs["background"][i]])
@@ -79,20 +93,24 @@ def test_pixels_show_the_caption(samples):
             color = _rgb(shapes.COLORS[attrs["color"][i, slot]])
             full = np.all(cell == color, axis=-1).sum()
             mixed = (np.any(cell != color, -1) & np.any(cell != bg, -1)).sum()
-            assert full >= 10 and mixed >= 4, (i, slot, full, mixed)   # solid and anti-aliased
+            assert full >= 10, (i, slot, full)
+            blended.append(mixed >= 4)
             cells[y0:y0 + 22, x0:x0 + 22] = True
         assert not (changed & ~cells).any(), f"sample {i} has pixels outside its shapes' cells"
+    assert np.mean(blended) > 0.95   # anti-aliased edges (a square can land on pixel edges)
 
 
 def test_large_shapes_are_larger():
     world = shapes.ShapesWorld(0)
-    attrs = shapes.stack_attrs([world.attrs(i) for i in range(300)])
+    attrs = shapes.stack_attrs([world.attrs(i) for i in range(400)])
+    images = shapes.render(attrs, np.zeros((400, 2, 3)))
+    bg = np.array([shapes._RGB[shapes.BACKGROUNDS[b]] for b in attrs["background"]], np.uint8)
+    area = np.any(images != bg[:, None, None], -1).sum((1, 2))
     one = attrs["num_shapes"] == 1
-    images = shapes.render(attrs, np.zeros((300, 2, 3)))
-    bg = np.array([shapes._RGB[shapes.BACKGROUNDS[b]] for b in attrs["background"]])
-    area = np.any(images != bg[:, None, None].astype(np.uint8), -1).sum((1, 2))
-    small, large = area[one & (attrs["size"][:, 0] == 0)], area[one & (attrs["size"][:, 0] == 1)]
-    assert small.max() < large.min()
+    for k in range(len(shapes.SHAPES)):
+        kind = one & (attrs["shape"][:, 0] == k)
+        small, large = area[kind & (attrs["size"][:, 0] == 0)], area[kind & (attrs["size"][:, 0] == 1)]
+        assert len(small) and len(large) and small.max() < large.min(), shapes.SHAPES[k]
 
 
 def test_write_image_folder(tmp_path, samples):

@@ -1,9 +1,9 @@
 """UNet parity with diffusers PyTorch (random, noised weights), loading paths, export and errors."""
-import functools
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -27,10 +27,10 @@ SD2 = dict(  # linear projections, per-block head counts, upcast attention, only
     use_linear_projection=True, upcast_attention=True, only_cross_attention=(True, False),
     flip_sin_to_cos=False, freq_shift=1)
 SDXL = dict(  # text_time micro-conditioning, transformer_layers_per_block list, explicit heads=None
-    block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=8,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(8, 4, 4), num_attention_heads=None, transformer_layers_per_block=(1, 1, 2),
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), num_attention_heads=None, transformer_layers_per_block=(1, 2),
     use_linear_projection=True, cross_attention_dim=CTX_DIM, addition_embed_type="text_time",
     addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=TEXT_DIM + 6 * TIME_DIM)
 CONFIGS = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
@@ -81,17 +81,21 @@ def _torch_forward(model: TorchUNet, x: dict) -> np.ndarray:
         return model(**t).sample.numpy().transpose(0, 2, 3, 1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(config, params, x: dict):
-    return UNet2DConditionModel(config).apply({"params": params}, **x)
+_COMPILED = {}
+# Compiling dominates the cost of these tiny models: skip the expensive LLVM passes.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _jax_forward(module, params, x: dict, timestep_cond=None) -> np.ndarray:
-    """Jitted, one compile per architecture and input shapes (cheaper than op-by-op)."""
+    """Jitted forward, compiled once per architecture and input shapes."""
     y = dict(x, sample=x["sample"].transpose(0, 2, 3, 1))
     if timestep_cond is not None:
         y["timestep_cond"] = timestep_cond
-    return np.asarray(_apply(module.config, params, y))
+    key = (module.config, jnp.dtype(module.dtype).name, str(jax.tree.map(np.shape, y)))
+    if key not in _COMPILED:
+        fn = jax.jit(lambda p, inputs: module.apply({"params": p}, **inputs))
+        _COMPILED[key] = fn.lower(params, y).compile(compiler_options=_FAST_COMPILE)
+    return np.asarray(_COMPILED[key](params, y))
 
 
 def _rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -119,7 +123,7 @@ def test_parity(saved, name, tcpd):
 
 
 def test_odd_latent_size_and_scalar_timestep(saved):
-    """11x7 latents: upsampling goes to the skip's size (6->11, 4->7), as diffusers does."""
+    """11x7 latents: upsampling goes to the skip's size (6x4 -> 11x7), as diffusers does."""
     model, folder = saved("sdxl")
     module, params = load_unet(folder)
     x = _inputs(SDXL, None, hw=(11, 7), batch=1)
@@ -138,6 +142,26 @@ def test_student_from_teacher_starts_as_teacher(saved):
     x = _inputs(SD1, None)
     w_emb = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
     assert _rel_err(_jax_forward(module, params, x, timestep_cond=w_emb), _torch_forward(model, x)) <= TOL
+
+
+def test_remat_gradients_match_torch_and_bf16(saved):
+    """remat=True (training): gradients of mean(eps^2) equal PyTorch autograd's; bf16 stays close."""
+    model, folder = saved("sd1", 8)
+    module, params = load_unet(folder)
+    x = _inputs(SD1, 8)
+    y = dict(x, sample=x["sample"].transpose(0, 2, 3, 1))
+    unet = UNet2DConditionModel(module.config, remat=True)
+    grad_fn = jax.jit(jax.grad(lambda p: jnp.mean(unet.apply({"params": p}, **y) ** 2)))
+    grads = common.flax_to_torch(grad_fn.lower(params).compile(compiler_options=_FAST_COMPILE)(params))
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in x.items()}
+    model.zero_grad()
+    model(t["sample"], t["timesteps"], t["encoder_hidden_states"],
+          timestep_cond=t["timestep_cond"]).sample.pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert _rel_err(grads[name], p.grad.numpy()) <= 1e-4, name
+    bf16 = _jax_forward(UNet2DConditionModel(module.config, dtype=jnp.bfloat16), params, x)
+    assert bf16.dtype == jnp.bfloat16
+    assert _rel_err(bf16.astype(np.float32), _jax_forward(module, params, x)) <= 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,3 +319,13 @@ def test_parity_full_size_sd15(tmp_path):
          "timestep_cond": rng.standard_normal((1, 256), np.float32)}
     ref = _torch_forward(model, x)
     assert _rel_err(_jax_forward(module, params, x), ref) <= TOL
+
+
+def test_blocked_attention_matches_xla():
+    """The CPU default for long sequences (query blocks x online softmax over key blocks)."""
+    from lcm_jax.models import layers
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 64, 3, 8), np.float32) for _ in range(3))
+    want = np.asarray(layers._xla_attention(q, k, v, None, 0.3))
+    got = np.asarray(layers._blocked_attention(q, k, v, None, 0.3, q_block=16, k_block=32))
+    assert _rel_err(got, want) <= 1e-6

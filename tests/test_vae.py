@@ -168,7 +168,8 @@ def test_missing_unexpected_and_misshaped_keys(tiny, tmp_path):
 @pytest.mark.parametrize("key,value,pattern", [
     ("latents_mean", [0.0] * 4, r"latents_mean=.*not supported"),
     ("act_fn", "gelu", r"act_fn='gelu' is not supported"),
-    ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], r"down_block_types=.*not supported"),
+    ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+     r"down_block_types=.*not supported"),
     ("norm_type", "spatial", r"does not know: \['norm_type'\]"),
 ])
 def test_unsupported_config_key(key, value, pattern):

@@ -39,7 +39,7 @@ def batches(seed: int, batch: int, steps: int):
     def produce():
         for step in range(steps):
             images, _, attrs = world.batch(range(step * batch, (step + 1) * batch))
-            q.put((images.astype(np.float32) / 127.5 - 1, evaluate.attrs_to_labels(attrs)))
+            q.put((images.astype(np.float32) / 127.5 - 1, evaluate.attrs_to_cells(attrs)))
 
     threading.Thread(target=produce, daemon=True).start()
     for _ in range(steps):
@@ -55,7 +55,7 @@ def make_train_step(model: ShapesClassifier, tx: optax.GradientTransformation, n
         images = images + sigma * jax.random.normal(k_noise, images.shape)
         logits = model.apply({"params": params}, images)
         return sum(optax.softmax_cross_entropy_with_integer_labels(logits[k], labels[k]).mean()
-                   for k in logits)
+                   for k in logits)   # background + per-cell shape, color, size
 
     @jax.jit
     def step(params, opt_state, images, labels, rng):
@@ -67,16 +67,16 @@ def make_train_step(model: ShapesClassifier, tx: optax.GradientTransformation, n
 
 
 def heldout_accuracy(model: ShapesClassifier, params, num: int) -> dict[str, float]:
-    """Per-head and all-attributes accuracy on `num` images of the evaluation split."""
+    """Per-attribute and all-attributes accuracy on `num` images of the evaluation split."""
     images, _, attrs = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(num))
-    labels = evaluate.attrs_to_labels(attrs)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    preds = {k: [] for k in labels}
+    cells = {}
     for s in range(0, num, 250):
         logits = apply(params, images[s:s + 250].astype(np.float32) / 127.5 - 1)
-        for k in preds:
-            preds[k].append(np.asarray(logits[k]).argmax(-1))
-    hits = {k: np.concatenate(preds[k]) == labels[k] for k in labels}
+        for k, v in logits.items():
+            cells.setdefault(k, []).append(np.asarray(v).argmax(-1))
+    pred = evaluate.cells_to_attrs({k: np.concatenate(v) for k, v in cells.items()})
+    hits = {k: np.all((pred[k] == attrs[k]).reshape(num, -1), 1) for k in attrs}
     out = {k: float(v.mean()) for k, v in hits.items()}
     out["all"] = float(np.all(list(hits.values()), axis=0).mean())
     return out
@@ -88,8 +88,10 @@ def save(out_dir: str, model: ShapesClassifier, params, info: dict) -> None:
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     write_safetensors(os.path.join(out_dir, "model.safetensors"),
                       {k: np.asarray(v, np.float32) for k, v in flat.items()})
-    config = {"heads": [list(h) for h in model.heads], "layers": [list(l) for l in model.layers],
-              "features": model.features, "input": "NHWC 64x64 RGB in [-1, 1]", **info}
+    config = {"num_backgrounds": model.num_backgrounds,
+              "cell_heads": [list(h) for h in model.cell_heads], "grid": model.grid,
+              "layers": [list(layer) for layer in model.layers], "features": model.features,
+              "input": "NHWC 64x64 RGB in [-1, 1]", **info}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -107,7 +109,8 @@ def main() -> None:
     if args.train_seed == shapes.EVAL_SEED:
         raise SystemExit(f"--train_seed {args.train_seed} is the evaluation split; pick another")
 
-    model = ShapesClassifier(heads=evaluate.classifier_heads())
+    model = ShapesClassifier(num_backgrounds=len(shapes.BACKGROUNDS),
+                             cell_heads=evaluate.classifier_cell_heads(), grid=3)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 100, args.steps, args.lr * 0.01)
     tx = optax.adamw(schedule, weight_decay=1e-4)

@@ -84,7 +84,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     header: dict[str, Any] = {"__metadata__": dict(metadata or {})} if metadata else {}
     offset, blobs = 0, []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keep 0-d
         blob = arr.tobytes()
         header[key] = {"dtype": inv[arr.dtype], "shape": list(arr.shape),
                        "data_offsets": [offset, offset + len(blob)]}

@@ -5,16 +5,19 @@ Accepted key layouts for a UNet module `down_blocks.0.attentions.0.proj_in`:
                      unet.down_blocks.0.attentions.0.proj_in.lora_B.weight   (out, r[, 1, 1])
   older diffusers:   ...proj_in.lora.down.weight / ...proj_in.lora.up.weight
   kohya (A1111):     lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight / .lora_up.weight
-                     and an optional .alpha (scale alpha / r; PEFT files carry no alpha: scale 1)
+                     and an optional .alpha (scale alpha / r; a PEFT file's lora_alpha is in the
+                     diffusers metadata 'lora_adapter_metadata', else diffusers takes alpha = r)
 The per-module scale is folded into `up`, so the returned tree merges with scale 1.0.
 """
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
 
 from lcm_jax.convert.common import (WeightsError, flax_module_path_to_torch, read_weights_file,
                                     write_safetensors)
@@ -49,17 +52,35 @@ def _flax_factor(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr.reshape(arr.shape[0], arr.shape[1]).T  # (out, r[, 1, 1]) -> (r, out)
 
 
+def _peft_alpha(path: str) -> Optional[float]:
+    """lora_alpha of the PEFT config diffusers stores in a LoRA file's metadata, if any (without
+    it diffusers takes alpha = rank, scale 1). PEFT's scale is lora_alpha / (the module's rank)."""
+    if not path.endswith(".safetensors"):
+        return None
+    with safe_open(path, "np") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    config = {k.removeprefix("unet."): v for k, v in json.loads(raw).items()}
+    unsupported = [k for k in ("use_rslora", "use_dora", "alpha_pattern") if config.get(k)]
+    if unsupported:
+        raise WeightsError(f"{path}: the LoRA's PEFT config sets {unsupported}, which lcm-jax does not "
+                           "implement; merge it with PEFT and load the merged UNet instead")
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
 def load_lora(path: str, unet_params: Params) -> tuple[Params, float]:
     """Reads LoRA weights for the UNet; returns (LoRA tree with scales folded into `up`, 1.0)."""
     sd = read_weights_file(path)
+    peft_alpha = _peft_alpha(path)
     index = _module_index(unet_params)
     kernels = traverse_util.flatten_dict(unet_params)
     found: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for key, value in sd.items():
+        if key.startswith(("text_encoder", "lora_te")):
+            continue  # text-encoder LoRA is not applied (LCM-LoRA adapts the UNet only)
         match = next(((m, kind) for p, kind in _PATTERNS if (m := p.match(key))), None)
         if match is None:
-            if key.startswith(("text_encoder", "lora_te")):
-                continue  # text-encoder LoRA is not applied (LCM-LoRA adapts the UNet only)
             raise WeightsError(f"{path}: key {key!r} is not a LoRA weight of a known layout "
                                "(PEFT lora_A/lora_B, diffusers lora.down/up, kohya lora_down/up)")
         m, kind = match
@@ -77,7 +98,8 @@ def load_lora(path: str, unet_params: Params) -> tuple[Params, float]:
                                "down (A) and up (B) factors are needed")
         down, up = _flax_factor(f["down"], "down"), _flax_factor(f["up"], "up")
         rank = down.shape[-1]
-        scale = float(f["alpha"]) / rank if "alpha" in f else 1.0
+        alpha = float(f["alpha"]) if "alpha" in f else peft_alpha
+        scale = alpha / rank if alpha is not None else 1.0
         kshape = kernels[module + ("kernel",)].shape
         if down.shape[:-1] != kshape[:-1] or up.shape[-1] != kshape[-1]:
             raise WeightsError(f"{path}: LoRA for {'/'.join(module)} has down {down.shape}, up "

@@ -183,7 +183,8 @@ def _rename(state_dict: Mapping[str, np.ndarray], table: Table, to_diffusers: bo
         leaves = row[2] if to_diffusers else {v: k for k, v in row[2].items()}
         rest = leaves.get(rest, rest)
         new = ".".join(p for p in (row[dst_col], rest, leaf) if p)
-        out[new] = _attention_layout(value, leaf, row[2] is _VAE_ATTENTION, to_diffusers)
+        is_vae_attention = row[2] is _VAE_ATTENTION  # the only rows whose layout differs
+        out[new] = _attention_layout(value, leaf, is_vae_attention, to_diffusers)
     if unknown:
         raise WeightsError(f"{len(unknown)} {what} keys have no diffusers counterpart for this "
                            f"config: {sorted(unknown)[:8]}; check the config matches the checkpoint")

@@ -58,12 +58,21 @@ def load_unet(path: str, dtype: Any = jnp.float32, variant: Optional[str] = None
     missing_ok = [f"^{_COND_PROJ}$"] if time_cond_proj_dim is not None else []
     params, absent = common.torch_to_flax(state, shapes, source=f"UNet weights in {path}",
                                           missing_ok=missing_ok)
+    del state  # the file's bytes: free them before the device copy (SD-size UNets are GBs)
+    flat = traverse_util.flatten_dict(params)
+    del params
     if absent:  # only cond_proj can be absent: the student's new w-embedding starts as a no-op
-        flat = traverse_util.flatten_dict(params)
         target = traverse_util.flatten_dict(shapes)[tuple(_COND_PROJ.split("/"))]
         flat[tuple(_COND_PROJ.split("/"))] = np.zeros(target.shape, target.dtype)
-        params = traverse_util.unflatten_dict(flat)
-    return module, common.to_device(params, param_dtype or dtype)
+    return module, _to_device_one_by_one(flat, param_dtype or dtype)
+
+
+def _to_device_one_by_one(flat: dict, dtype: Any) -> common.Params:
+    """numpy leaves -> jax arrays, dropping each host copy as it goes (peak memory: one model)."""
+    out = {}
+    for key in list(flat):
+        out[key] = jnp.asarray(flat.pop(key), dtype=dtype)
+    return traverse_util.unflatten_dict(out)
 
 
 def _with_cond_proj(cfg: dict, time_cond_proj_dim: Optional[int], path: str) -> dict:

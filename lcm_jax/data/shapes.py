@@ -41,7 +41,7 @@ _RGB = {
     "green": (40, 170, 60), "blue": (40, 80, 220), "purple": (140, 50, 180),
     "white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128),
 }
-_RADIUS = {"small": 5.5, "large": 9.0}   # half-extent of a shape in pixels, before jitter
+_RADIUS = {"small": 6.0, "large": 9.0}   # half-extent of a shape in pixels, before jitter
 _SS = 4                                   # supersampling factor per axis
 _PATCH = 24                               # rendered patch (output pixels) around a shape
 _PAD = _PATCH // 2                        # canvas padding so patches never leave the canvas
@@ -154,17 +154,25 @@ def caption_from_attrs(attrs: Mapping[str, object]) -> str:
     return " and ".join(parts) + f" on a {BACKGROUNDS[int(attrs['background'])]} background"
 
 
-_ALT = lambda names: "|".join(sorted(names, key=len, reverse=True))  # noqa: E731
-_SHAPE_RE = (rf"a (?P<size{{i}}>{_ALT(SIZES)}) (?P<color{{i}}>{_ALT(COLORS)}) "
-             rf"(?P<shape{{i}}>{_ALT(SHAPES)}) (?:in the (?P<center{{i}}>center)|"
-             rf"at the (?P<position{{i}}>{_ALT(p for p in POSITIONS if p != 'center')}))")
+def _alt(names: Iterable[str]) -> str:
+    """Regex alternation, longest first so that 'top left' wins over 'top'."""
+    return "|".join(sorted(names, key=len, reverse=True))
+
+
+_SHAPE_RE = (rf"a (?P<size{{i}}>{_alt(SIZES)}) (?P<color{{i}}>{_alt(COLORS)}) "
+             rf"(?P<shape{{i}}>{_alt(SHAPES)}) (?:in the (?P<center{{i}}>center)|"
+             rf"at the (?P<position{{i}}>{_alt(p for p in POSITIONS if p != 'center')}))")
 _CAPTION_RE = re.compile(
     _SHAPE_RE.format(i=0) + rf"(?: and {_SHAPE_RE.format(i=1)})?"
-    + rf" on a (?P<background>{_ALT(BACKGROUNDS)}) background")
+    + rf" on a (?P<background>{_alt(BACKGROUNDS)}) background")
 
 
 def parse_caption(caption: str) -> dict:
-    """Attributes of a caption written by `caption_from_attrs`; ValueError for anything else."""
+    """Attributes of a caption in the world's grammar, two shapes put in reading order.
+
+    ValueError for other text, and for scenes the world never draws (two shapes in one cell, a
+    shape of the background colour).
+    """
     m = _CAPTION_RE.fullmatch(" ".join(caption.lower().split()))
     if m is None:
         raise ValueError(f"caption {caption!r} is not a shapes-world caption; expected e.g. "
@@ -179,6 +187,22 @@ def parse_caption(caption: str) -> dict:
         attrs["color"][slot] = COLORS.index(g[f"color{slot}"])
         attrs["size"][slot] = SIZES.index(g[f"size{slot}"])
         attrs["position"][slot] = POSITIONS.index(g[f"position{slot}"] or "center")
+    return _canonical(attrs, caption)
+
+
+def _canonical(attrs: dict, caption: str) -> dict:
+    """Puts two shapes in reading order; rejects what the world never draws."""
+    pos = attrs["position"]
+    if attrs["num_shapes"] == 2 and pos[0] == pos[1]:
+        raise ValueError(f"caption {caption!r} puts both shapes at the {POSITIONS[pos[0]]}; "
+                         "the shapes world draws two shapes in different grid cells")
+    if attrs["num_shapes"] == 2 and pos[1] < pos[0]:
+        for key in SLOT_KEYS:
+            attrs[key] = attrs[key][::-1].copy()
+    colors = {COLORS[c] for c in attrs["color"][:attrs["num_shapes"]]}
+    if BACKGROUNDS[attrs["background"]] in colors:
+        raise ValueError(f"caption {caption!r} has a shape of the background colour; the shapes "
+                         "world never draws that (it could not be seen)")
     return attrs
 
 

