@@ -86,11 +86,12 @@ def _need_folder(path: str, flag: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     """Writes one PNG per image and grid.png (rows: prompts, columns: images of a prompt)."""
     from lcm_jax.evaluate import save_grid
-    from lcm_jax.pipeline import LCMPipeline
+    from lcm_jax.pipeline import LCMPipeline, _check_call
 
     _need_folder(args.model, "--model")
     if args.num_images < 1:
         raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    _check_call(args.steps, args.guidance, args.height, args.width, args.sampler)  # before loading
     total = 3 + bool(args.lora)
     t0 = stage(1, total, f"loading {args.model}")
     pipe = LCMPipeline.from_pretrained(args.model)
@@ -209,9 +210,9 @@ def student_and_shapes(config) -> tuple[Any, Any]:
         unet_cfg = {**unet_cfg, "time_cond_proj_dim": mc.time_cond_proj_dim}
     unet = UNet2DConditionModel.from_config(unet_cfg, dtype=train._dtype(mc.compute_dtype))
     shapes = unet_shapes(unet)
-    if config.method == "lcm_lora":
-        shapes = jax.eval_shape(lambda p: lora_lib.init_lora(jax.random.PRNGKey(0), p, config.lora.rank),
-                                shapes)
+    if config.method == "lcm_lora":  # init_lora reads only the kernels' shapes
+        lora = lora_lib.init_lora(jax.random.PRNGKey(0), shapes, config.lora.rank)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora)
     return unet, shapes
 
 

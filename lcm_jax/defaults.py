@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.teacher = ""        # diffusers pipeline folder; "" = random tiny teacher from model.unet
+    c.model.components = ""     # with model.teacher "": folder for vae/text encoder/tokenizer/scheduler
     c.model.unet = ml_collections.ConfigDict()  # UNet config used when model.teacher is ""
     c.model.time_cond_proj_dim = 256   # the student's w-embedding size (LCD); 0 disables it
     c.model.prediction_type = "epsilon"  # for the random teacher only (folders carry their own)
@@ -87,3 +88,51 @@ def tiny_unet() -> dict:
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
         "cross_attention_dim": 32, "norm_num_groups": 8,
     }
+
+
+def lcd_recipe(teacher: str, resolution: int = 512) -> ml_collections.ConfigDict:
+    """The LCM paper's LCD recipe for a Stable Diffusion teacher folder (diffusers layout)."""
+    c = base_config()
+    c.method = "lcd"
+    c.model.teacher = teacher
+    c.model.time_cond_proj_dim = 256      # w-embedding dimension
+    c.model.compute_dtype = "bfloat16"    # fp32 master weights, bf16 activations
+    c.model.teacher_dtype = "bfloat16"
+    c.model.remat = True
+    c.total_steps = 100_000
+    c.batch_size = 72                     # the paper's batch size
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 1000
+    c.sample_every = 1000
+    c.sample_prompts = ["a photograph of an astronaut riding a horse",
+                        "a red fox in the snow, detailed", "a bowl of fruit, oil painting"]
+    c.loss.num_ddim_timesteps = 50        # N = 50, skipping step k = 20
+    c.loss.w_min, c.loss.w_max = 5.0, 15.0
+    c.loss.loss_type = "huber"
+    c.loss.ema_decay = 0.95
+    c.optim.learning_rate = 8e-6          # the paper; diffusers' example uses 1e-6 at batch 12
+    c.optim.warmup_steps = 500
+    c.optim.weight_decay = 0.0
+    c.data.source = "folder"
+    c.data.resolution = resolution
+    c.data.latent_size = resolution // 8
+    return c
+
+
+def lcm_lora_recipe(teacher: str, resolution: int = 512) -> ml_collections.ConfigDict:
+    """diffusers' LCM-LoRA recipe: rank 64 on attention, FF, proj, resnet convs, time embedding."""
+    c = lcd_recipe(teacher, resolution)
+    c.method = "lcm_lora"
+    c.lora.rank = 64
+    c.lora.alpha = 64.0
+    c.total_steps = 1000
+    c.batch_size = 12
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 200
+    c.sample_every = 200
+    c.loss.w_min, c.loss.w_max = 3.0, 15.0
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 0
+    return c

@@ -54,8 +54,13 @@ class Components:
     scheduler_config: dict
 
 
-def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = None) -> Components:
-    """Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder."""
+def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = None,
+                    with_unet: bool = True) -> Components:
+    """Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder.
+
+    with_unet=False loads everything but the UNet (a teacher trained from scratch on top of an
+    existing VAE and text encoder); the unet fields are then None.
+    """
     from lcm_jax.convert.clip import load_text_encoder, load_tokenizer
     from lcm_jax.convert.unet import load_unet
     from lcm_jax.convert.vae import load_vae
@@ -75,7 +80,8 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
             sched_cfg = json.load(f)
     except FileNotFoundError as e:
         raise WeightsError(f"{sched_path} not found: a pipeline folder needs scheduler/") from e
-    unet, up = load_unet(os.path.join(folder, "unet"), dtype=dtype, variant=variant)
+    unet, up = (load_unet(os.path.join(folder, "unet"), dtype=dtype, variant=variant)
+                if with_unet else (None, None))
     vae, vp = load_vae(os.path.join(folder, "vae"), dtype=dtype, variant=variant)
     te, tp = load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype, variant=variant)
     tok = load_tokenizer(os.path.join(folder, "tokenizer"))
@@ -174,7 +180,7 @@ class LCMPipeline:
         w_dim = unet.config.time_cond_proj_dim
         ts = np.asarray(ts)
 
-        def generate(unet_params, lora, text, uncond, latents, w, rng, noises):
+        def generate(unet_params, vae_params, lora, text, uncond, latents, w, rng, noises):
             from lcm_jax.models import layers
             from lcm_jax.models import lora as lora_lib
 
@@ -202,7 +208,7 @@ class LCMPipeline:
                 z = sampling.ddim_sample(model_fn, latents, schedule, ts, debug=debug)
             else:
                 z = sampling.dpm_solver_pp_sample(model_fn, latents, schedule, ts, debug=debug)
-            return decode_latents(vae, self.c.vae_params, z)
+            return decode_latents(vae, vae_params, z)
 
         return generate if debug else jax.jit(generate)
 
@@ -239,10 +245,25 @@ class LCMPipeline:
             self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, debug)
         params, lora = self.unet_call_params()
         lora_arg = None if lora is None else (lora, self._lora[1])
-        images = self._compiled[key](params, lora_arg, text, uncond, jnp.asarray(latents, jnp.float32),
+        (params, vae_params, lora_arg), text, uncond, latents = self._place(
+            (params, self.c.vae_params, lora_arg), text, uncond, jnp.asarray(latents, jnp.float32))
+        images = self._compiled[key](params, vae_params, lora_arg, text, uncond, latents,
                                      jnp.float32(guidance_scale), rng_steps,
                                      None if noises is None else jnp.asarray(noises, jnp.float32))
         return np.asarray(jax.device_get(images), np.float32)
+
+    def _place(self, weights, text, uncond, latents):
+        """Splits the batch over every local device ('data' axis) when it divides evenly;
+        weights are replicated. On one device this changes nothing."""
+        n = jax.local_device_count()
+        if n == 1 or latents.shape[0] % n:
+            return weights, text, uncond, latents
+        from lcm_jax import sharding
+        mesh = sharding.make_mesh(n, 1, jax.local_devices())
+        rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        weights = jax.device_put(weights, rep)
+        text, uncond, latents = jax.device_put((text, uncond, latents), batch)
+        return weights, text, uncond, latents
 
 
 def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:

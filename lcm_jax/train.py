@@ -80,7 +80,11 @@ def _uses_w_embedding(config) -> bool:
 
 
 def build_models(config: ml_collections.ConfigDict) -> Models:
-    """Teacher from a diffusers pipeline folder (or a random tiny UNet), student derived from it."""
+    """Teacher from a diffusers pipeline folder (or a random UNet), student derived from it.
+
+    model.teacher: a pipeline folder (all parts); otherwise the UNet is built from model.unet and
+    model.components, if set, supplies the VAE, text encoder, tokenizer and noise schedule.
+    """
     from lcm_jax.convert.unet import unet_shapes
     from lcm_jax.models.unet import UNet2DConditionModel
 
@@ -88,19 +92,21 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     compute = _dtype(mc.compute_dtype)
     frozen: dict = {}
     vae = text_encoder = tokenizer = None
-    if mc.teacher:
+    schedule = schedules.NoiseSchedule(prediction_type=mc.prediction_type)
+    folder = mc.teacher or mc.components
+    if folder:  # VAE, text encoder, tokenizer and schedule (and the teacher UNet) from a folder
         from lcm_jax.pipeline import load_components
-        comps = load_components(mc.teacher, dtype=compute)
-        unet_cfg, teacher_params = comps.unet.config.to_diffusers(), comps.unet_params
+        comps = load_components(folder, dtype=compute, with_unet=bool(mc.teacher))
         vae, text_encoder, tokenizer = comps.vae, comps.text_encoder, comps.tokenizer
         frozen.update(vae=comps.vae_params, text_encoder=comps.text_params)
         schedule = comps.schedule
-    else:
+    if mc.teacher:
+        unet_cfg, teacher_params = comps.unet.config.to_diffusers(), comps.unet_params
+    else:  # a UNet from model.unet, randomly initialised (tiny tests, or a teacher from scratch)
         unet_cfg = dict(mc.unet.to_dict())
         teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute)
         teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(mc.init_seed),
                                                *_dummy_inputs(teacher, config))["params"]
-        schedule = schedules.NoiseSchedule(prediction_type=mc.prediction_type)
     teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute, remat=mc.remat)
     if _uses_w_embedding(config):
         student = UNet2DConditionModel.from_config(

@@ -51,7 +51,7 @@ def test_sharded_step_matches_single_device():
     specs = r["specs"]
     # Kernels of >= 4096 elements are split over 'fsdp' along a divisible axis; small ones replicate.
     assert "fsdp" in specs["down_blocks_1/resnets_0/conv2/kernel"]
-    assert specs["conv_in/bias"] == "PartitionSpec()"
+    assert specs["conv_in/bias"] in ("P()", "PartitionSpec()")
 
 
 def test_fifty_steps_loss_falls(full_run):
