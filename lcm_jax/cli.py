@@ -327,15 +327,33 @@ def _write_json(obj: dict, path: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Hands over to lcm_jax.evaluate's steps-vs-quality table, once that exists."""
-    from lcm_jax import evaluate
+    """The steps-vs-quality table on the shapes world: teacher DDIM/DPM-Solver++ against an LCM
+    (and optionally LCM-LoRA) at 1-8 steps; FD and prompt accuracy from the shipped classifier."""
+    from lcm_jax import demo, evaluate
+    from lcm_jax.pipeline import LCMPipeline
 
-    table_fn: Optional[Callable] = getattr(evaluate, "steps_quality_table", None)
-    if table_fn is None:
-        print("lcm-jax eval: the steps-vs-quality table is not available yet in lcm_jax.evaluate",
-              file=sys.stderr)
-        return 2
-    print(table_fn(args.model, steps=args.steps, num_images=args.num_images, seed=args.seed))
+    _need_folder(args.teacher, "--teacher")
+    _need_folder(args.lcm, "--lcm")
+    t0 = stage(1, 2, "loading teacher and LCM pipelines")
+    teacher, lcm = LCMPipeline.from_pretrained(args.teacher), LCMPipeline.from_pretrained(args.lcm)
+    lora = None
+    if args.lora:
+        lora = LCMPipeline.from_pretrained(args.teacher)
+        lora.load_lora_weights(args.lora)
+    done(t0)
+    t0 = stage(2, 2, f"sampling {args.num_prompts} held-out prompts per row")
+    prompts, _ = evaluate.heldout_prompts(args.num_prompts, args.seed_prompts) if args.seed_prompts \
+        else evaluate.heldout_prompts(args.num_prompts)
+    runs = demo.quality_runs(teacher, lcm, lora, args.guidance, steps=tuple(args.steps))
+    rows = evaluate.steps_quality_table(runs, evaluate.ShapesEvaluator(), prompts, seed=args.seed,
+                                        batch=min(100, args.num_prompts))
+    done(t0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(evaluate.table_markdown(rows))
+    evaluate.plot_table(rows, os.path.join(args.out, "quality.png"))
+    print(evaluate.table_markdown(rows))
+    print(f"wrote {os.path.join(args.out, 'quality.md')} and {os.path.join(args.out, 'quality.png')}")
     return 0
 
 
@@ -372,11 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True, help="folder (or a .safetensors path for LoRA runs)")
 
-    v = sub.add_parser("eval", help="steps-vs-quality table")
-    v.add_argument("--model", required=True)
+    v = sub.add_parser("eval", help="steps-vs-quality table on the shapes world")
+    v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")
+    v.add_argument("--lcm", required=True, help="LCM pipeline folder (e.g. from lcm-jax export)")
+    v.add_argument("--lora", default=None, help="LCM-LoRA safetensors for the teacher (4-step row)")
+    v.add_argument("--guidance", type=float, default=6.0, help="LCM guidance scale (w + 1)")
     v.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    v.add_argument("--num-images", type=int, default=256)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--num-prompts", type=int, default=200)
+    v.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+    v.add_argument("--seed-prompts", type=int, default=None, help="held-out split (default: the eval seed)")
+    v.add_argument("--out", default="runs/eval")
     return parser
 
 

@@ -10,9 +10,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -267,3 +269,89 @@ def save_grid(images: np.ndarray, path: str, nrow: int, labels: Optional[Sequenc
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
     return grid.size
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps-vs-quality table (LCM paper, Table 1 at the shapes world's scale)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class QualityRow:
+    model: str           # 'teacher', 'LCM', 'LCM-LoRA'
+    sampler: str         # 'ddim', 'dpm', 'lcm'
+    steps: int
+    guidance: float
+    fd: float
+    prompt_accuracy: float
+    seconds: float       # wall time to sample every prompt (after the first compile)
+
+
+def generate(pipe, prompts: Sequence[str], sampler: str, steps: int, guidance: float,
+             seed: int = 0, batch: int = 100, size: int = 64) -> np.ndarray:
+    """Images for `prompts` in fixed-size batches; batch i draws its latents from seed + i, so
+    every sampler sees the same starting noise. Only the UNet and VAE calls are compiled
+    (compile='model'), once for every sampler and step count."""
+    out = []
+    for i, s in enumerate(range(0, len(prompts), batch)):
+        chunk = list(prompts[s:s + batch])
+        chunk += [chunk[-1]] * (batch - len(chunk))  # one shape per compile
+        out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                        width=size, seed=seed + i, sampler=sampler, compile="model"))
+    return np.concatenate(out)[:len(prompts)]
+
+
+def steps_quality_table(runs: Sequence[tuple], evaluator: "ShapesEvaluator", prompts: Sequence[str],
+                        seed: int = 0, batch: int = 100, log=print) -> list[QualityRow]:
+    """One row per (name, pipe, sampler, steps, guidance) in `runs`: FD and prompt accuracy."""
+    rows = []
+    for name, pipe, sampler, steps, guidance in runs:
+        generate(pipe, prompts[:batch], sampler, steps, guidance, seed, batch)  # warm up / compile
+        t0 = time.perf_counter()
+        images = generate(pipe, prompts, sampler, steps, guidance, seed, batch)
+        seconds = time.perf_counter() - t0
+        m = evaluator(images, prompts)
+        rows.append(QualityRow(name, sampler, steps, guidance, m["fd"], m["prompt_accuracy"], seconds))
+        log(f"  {name:9s} {sampler:5s} {steps:3d} steps  FD {m['fd']:8.2f}  "
+            f"prompt acc {m['prompt_accuracy']:.3f}  ({seconds:.1f}s)")
+    return rows
+
+
+def table_markdown(rows: Sequence[QualityRow]) -> str:
+    lines = ["| model | sampler | steps | guidance | FD (lower is better) | prompt accuracy | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.model} | {r.sampler.upper() if r.sampler != 'dpm' else 'DPM-Solver++'} | "
+              f"{r.steps} | {r.guidance:g} | {r.fd:.2f} | {r.prompt_accuracy:.3f} | {r.seconds:.1f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_table(rows: Sequence[QualityRow], path: str) -> None:
+    """FD and prompt accuracy against steps, one line per (model, sampler); the teacher's
+    many-step reference as a dashed horizontal line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ref = max((r for r in rows if r.model == "teacher"), key=lambda r: r.steps)
+    groups: dict = {}
+    for r in rows:
+        if r is not ref:
+            groups.setdefault(f"{r.model} {r.sampler}", []).append(r)
+    for ax, field, label in ((axes[0], "fd", "FD (log scale)"), (axes[1], "prompt_accuracy",
+                                                                   "prompt accuracy")):
+        for name, g in groups.items():
+            g = sorted(g, key=lambda r: r.steps)
+            ax.plot([r.steps for r in g], [getattr(r, field) for r in g], "o-", label=name)
+        ax.axhline(getattr(ref, field), ls="--", c="k", label=f"teacher {ref.sampler} {ref.steps} steps")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        if field == "fd":
+            ax.set_yscale("log")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

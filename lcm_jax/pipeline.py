@@ -175,10 +175,23 @@ class LCMPipeline:
                                        timestep_spacing=sc.get("timestep_spacing", "linspace"),
                                        steps_offset=sc.get("steps_offset", 0))
 
-    def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, debug: bool):
-        unet, vae, schedule = self.c.unet, self.c.vae, self.c.schedule
-        w_dim = unet.config.time_cond_proj_dim
+    @functools.cached_property
+    def _jitted_parts(self):
+        """The UNet call and the VAE decode compiled on their own (compile='model')."""
+        return jax.jit(self._apply_unet), jax.jit(functools.partial(decode_latents, self.c.vae))
+
+    def _apply_unet(self, params, x, t, text, t_cond):
+        return self.c.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond)
+
+    def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str):
+        schedule = self.c.schedule
+        w_dim = self.c.unet.config.time_cond_proj_dim
         ts = np.asarray(ts)
+        eager = compile != "whole"
+        if compile == "model":
+            apply_unet, decode = self._jitted_parts
+        else:
+            apply_unet, decode = self._apply_unet, functools.partial(decode_latents, self.c.vae)
 
         def generate(unet_params, vae_params, lora, text, uncond, latents, w, rng, noises):
             from lcm_jax.models import layers
@@ -191,26 +204,25 @@ class LCMPipeline:
                 jnp.full((b,), w - 1.0), w_dim)
 
             def model_fn(x, t):
-                if use_cfg:
-                    ctx = jnp.concatenate([uncond, text])
-                    out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]),
-                                     jnp.concatenate([t, t]), ctx)
+                if use_cfg:  # one batch of 2B: unconditional rows first, as diffusers
+                    out = apply_unet(unet_params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                     jnp.concatenate([uncond, text]), None)
                     out_u, out_c = jnp.split(out, 2)
                     return out_u + w * (out_c - out_u)
-                return unet.apply({"params": unet_params}, x, t, text, timestep_cond=t_cond)
+                return apply_unet(unet_params, x, t, text, t_cond)
 
             if sampler == "lcm":
-                z = sampling.lcm_sample(model_fn, latents, schedule, ts, rng, noises=noises, debug=debug)
+                z = sampling.lcm_sample(model_fn, latents, schedule, ts, rng, noises=noises, debug=eager)
             elif sampler == "tcd":
                 z = sampling.tcd_sample(model_fn, latents, schedule, ts, rng, gamma=gamma,
-                                        noises=noises, debug=debug)
+                                        noises=noises, debug=eager)
             elif sampler == "ddim":
-                z = sampling.ddim_sample(model_fn, latents, schedule, ts, debug=debug)
+                z = sampling.ddim_sample(model_fn, latents, schedule, ts, debug=eager)
             else:
-                z = sampling.dpm_solver_pp_sample(model_fn, latents, schedule, ts, debug=debug)
-            return decode_latents(vae, vae_params, z)
+                z = sampling.dpm_solver_pp_sample(model_fn, latents, schedule, ts, debug=eager)
+            return decode(vae_params, z)
 
-        return generate if debug else jax.jit(generate)
+        return jax.jit(generate) if compile == "whole" else generate
 
     def __call__(self, prompt: Union[str, Sequence[str]], num_inference_steps: int = 4,
                  guidance_scale: float = 8.5, height: int = 512, width: int = 512,
@@ -218,10 +230,18 @@ class LCMPipeline:
                  original_inference_steps: int = 50, timesteps: Optional[Sequence[int]] = None,
                  negative_prompt: Optional[Union[str, Sequence[str]]] = None,
                  sampler: str = "lcm", gamma: float = 0.3, noises: Optional[np.ndarray] = None,
-                 debug: bool = False) -> np.ndarray:
+                 debug: bool = False, compile: str = "whole") -> np.ndarray:
         """Images (B, H, W, 3) float32 in [0, 1]. `latents` (NHWC) replace the seeded noise;
-        `noises` (steps, B, h, w, c) replace the re-noising draws of LCM/TCD (for comparisons)."""
+        `noises` (steps, B, h, w, c) replace the re-noising draws of LCM/TCD (for comparisons).
+
+        compile: 'whole' (the sample is one XLA program, compiled per sampler and step count),
+        'model' (only the UNet call and the VAE decode are compiled, once for every sampler and
+        step count: for sweeps), or 'none' (eager; also `debug=True`).
+        """
         _check_call(num_inference_steps, guidance_scale, height, width, sampler)
+        compile = "none" if debug else compile
+        if compile not in ("whole", "model", "none"):
+            raise ValueError(f"compile must be 'whole', 'model' or 'none', got {compile!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         text = self.encode_prompt(prompts)
         b = len(prompts)
@@ -240,9 +260,9 @@ class LCMPipeline:
             raise ValueError(f"latents have shape {tuple(np.shape(latents))}, expected {shape} "
                              "(NHWC, height/8 x width/8)")
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
-        key = (sampler, tuple(int(t) for t in ts), use_cfg, gamma, debug, noises is None)
+        key = (sampler, tuple(int(t) for t in ts), use_cfg, gamma, compile, noises is None)
         if key not in self._compiled:
-            self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, debug)
+            self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, compile)
         params, lora = self.unet_call_params()
         lora_arg = None if lora is None else (lora, self._lora[1])
         (params, vae_params, lora_arg), text, uncond, latents = self._place(
@@ -273,27 +293,30 @@ def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+def pipeline_from_training(config, models, state) -> "LCMPipeline":
+    """An LCMPipeline over a training run's student: the EMA target for LCD/LCF (the network the
+    LCM recipe keeps), the LoRA-merged teacher for LCM-LoRA, the params for diffusion."""
+    if config.method == "lcm_lora":
+        from lcm_jax.models import lora as lora_lib
+        params = lora_lib.merge(models.frozen["teacher"], state.params,
+                                config.lora.alpha / config.lora.rank)
+    else:
+        params = state.target_params if state.target_params is not None else state.params
+    comps = Components(models.unet, params, models.vae, models.frozen["vae"], models.text_encoder,
+                       models.frozen["text_encoder"], models.tokenizer, models.schedule, {})
+    return LCMPipeline(comps)
+
+
 def training_sample_grid(config, models, workdir: str, state, step: int) -> str:
     """Writes samples/step_XXXXXX.png: the config's sample prompts at 1, 2 and 4 LCM steps."""
     from lcm_jax.evaluate import save_grid
 
-    comps = Components(models.unet, _student_params(config, models, state), models.vae,
-                       models.frozen["vae"], models.text_encoder, models.frozen["text_encoder"],
-                       models.tokenizer, models.schedule, {})
-    pipe = LCMPipeline(comps)
+    pipe = pipeline_from_training(config, models, state)
     size = config.data.resolution
-    guidance = 1.0 if config.method == "lcm_lora" else 8.0
+    guidance = 1.0 if config.method == "lcm_lora" else 1.0 + (config.loss.w_min + config.loss.w_max) / 2
     rows = [pipe(list(config.sample_prompts), num_inference_steps=n, guidance_scale=guidance,
                  height=size, width=size, seed=0) for n in (1, 2, 4)]
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(np.concatenate(rows), path, nrow=len(config.sample_prompts),
               labels=["1 step", "2 steps", "4 steps"])
     return path
-
-
-def _student_params(config, models, state):
-    if config.method == "lcm_lora":
-        from lcm_jax.models import lora as lora_lib
-        return lora_lib.merge(models.frozen["teacher"], state.params, config.lora.alpha / config.lora.rank)
-    return state.target_params if state.target_params is not None else state.params

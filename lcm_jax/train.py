@@ -107,6 +107,11 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute)
         teacher_params = jax.jit(teacher.init)(jax.random.PRNGKey(mc.init_seed),
                                                *_dummy_inputs(teacher, config))["params"]
+    have = unet_cfg.get("time_cond_proj_dim")
+    if have and _uses_w_embedding(config) and have != mc.time_cond_proj_dim:
+        raise ValueError(f"the teacher UNet in {folder or 'model.unet'} already has "
+                         f"time_cond_proj_dim={have} (it is an LCM); set "
+                         f"--config.model.time_cond_proj_dim={have} to continue training it")
     teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute, remat=mc.remat)
     if _uses_w_embedding(config):
         student = UNet2DConditionModel.from_config(

@@ -101,13 +101,12 @@ def test_convert_folder_round_trips_the_unet(folder, tmp_path):
     assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
 
 
-def test_eval_without_table_says_so(tmp_path, capsys):
-    from lcm_jax import evaluate
-
-    if hasattr(evaluate, "steps_quality_table"):
-        pytest.skip("lcm_jax.evaluate has the table now; its own tests cover it")
-    assert cli.main(["eval", "--model", str(tmp_path)]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_eval_bad_folders(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert cli.main(["eval", "--teacher", missing, "--lcm", missing]) == 1
+    assert f"--teacher {missing}: no such folder" in capsys.readouterr().err
+    assert cli.main(["eval", "--teacher", str(tmp_path), "--lcm", str(tmp_path)]) == 1
+    assert "no model_index.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

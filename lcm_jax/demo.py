@@ -1,0 +1,122 @@
+"""The main job on the bundled default: distill an LCM (and an LCM-LoRA) from the shipped shapes
+teacher on CPU, then compare 1-8 step sampling against the teacher's DDIM / DPM-Solver++.
+
+    python -m lcm_jax.demo --workdir=runs/demo        # what `make demo` runs
+
+Writes to the workdir: lcd/ and lora/ (training runs: checkpoints, metrics.jsonl, TensorBoard,
+samples/), grid.png (the same prompts at 1, 2, 4 LCM steps beside the teacher's 50 DDIM steps),
+quality.md and quality.png (the steps-vs-quality table).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "shapes_lcd.py")
+TEACHER_GUIDANCE = 7.5
+
+
+def load_config(arg: str | None = None, teacher: str | None = None):
+    import importlib.util
+
+    if not os.path.exists(CONFIG):
+        raise SystemExit(f"{CONFIG} not found: run the demo from a checkout of lcm-jax")
+    spec = importlib.util.spec_from_file_location("shapes_lcd", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    if teacher:
+        config.model.teacher = teacher
+    if not os.path.exists(os.path.join(config.model.teacher, "model_index.json")):
+        raise SystemExit(f"no teacher pipeline at {config.model.teacher}: rebuild it with "
+                         "`python tools/build_shapes_teacher.py` or pass --teacher")
+    return config
+
+
+def distill(arg: str | None, workdir: str, steps: int, teacher: str | None = None):
+    """Runs (or resumes) one distillation; returns the pipeline over its student."""
+    from lcm_jax import train
+    from lcm_jax.pipeline import pipeline_from_training
+
+    config = load_config(arg, teacher)
+    config.total_steps = steps
+    config.checkpoint_every = min(config.checkpoint_every, steps)
+    config.sample_every = min(config.sample_every, steps)
+    state = train.train_and_evaluate(config, workdir)
+    return pipeline_from_training(config, train.build_models(config), state), config
+
+
+def quality_runs(teacher, lcm, lora, lcm_guidance: float, steps=(1, 2, 4, 8)) -> list[tuple]:
+    runs = [("teacher", teacher, "ddim", 50, TEACHER_GUIDANCE)]
+    runs += [("teacher", teacher, s, n, TEACHER_GUIDANCE) for s in ("ddim", "dpm") for n in steps]
+    runs += [("LCM", lcm, "lcm", n, lcm_guidance) for n in steps]
+    if lora is not None:
+        runs.append(("LCM-LoRA", lora, "lcm", 4, 1.0))
+    return runs
+
+
+def write_grid(path: str, teacher, lcm, lcm_guidance: float, prompts) -> None:
+    from lcm_jax.evaluate import generate, save_grid
+
+    rows = [generate(teacher, prompts, "ddim", 50, TEACHER_GUIDANCE, batch=len(prompts))]
+    rows += [generate(lcm, prompts, "lcm", n, lcm_guidance, batch=len(prompts)) for n in (1, 2, 4)]
+    save_grid(np.concatenate(rows), path, nrow=len(prompts),
+              labels=["teacher DDIM 50", "LCM 1 step", "LCM 2 steps", "LCM 4 steps"])
+
+
+def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
+        teacher: str | None = None) -> list:
+    from lcm_jax.evaluate import ShapesEvaluator, heldout_prompts, plot_table, steps_quality_table, table_markdown
+    from lcm_jax.pipeline import LCMPipeline
+
+    t0 = time.time()
+    config = load_config(None, teacher)
+    print(f"[1/4] distilling an LCM from {config.model.teacher} ({lcd_steps} steps)", flush=True)
+    lcm, config = distill(None, os.path.join(workdir, "lcd"), lcd_steps, teacher)
+    lora = None
+    if lora_steps:
+        print(f"[2/4] distilling an LCM-LoRA ({lora_steps} steps)", flush=True)
+        lora, _ = distill("lora", os.path.join(workdir, "lora"), lora_steps, teacher)
+    teacher = LCMPipeline.from_pretrained(config.model.teacher)
+    lcm_guidance = 1.0 + (config.loss.w_min + config.loss.w_max) / 2
+    prompts, _ = heldout_prompts(num_prompts)
+    print("[3/4] sample grid", flush=True)
+    write_grid(os.path.join(workdir, "grid.png"), teacher, lcm, lcm_guidance, prompts[:8])
+    print(f"[4/4] quality table on {num_prompts} held-out prompts", flush=True)
+    rows = steps_quality_table(quality_runs(teacher, lcm, lora, lcm_guidance), ShapesEvaluator(),
+                               prompts, batch=min(100, num_prompts))
+    with open(os.path.join(workdir, "quality.md"), "w") as f:
+        f.write(f"# Steps vs quality on the shapes world ({num_prompts} held-out prompts)\n\n")
+        f.write(table_markdown(rows))
+    plot_table(rows, os.path.join(workdir, "quality.png"))
+    print(f"\ndone in {(time.time() - t0) / 60:.1f} min. Wrote:")
+    for name in ("lcd", "lora", "grid.png", "quality.md", "quality.png"):
+        if os.path.exists(os.path.join(workdir, name)):
+            print(f"  {os.path.join(workdir, name)}")
+    print("\n" + table_markdown(rows))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--lcd_steps", type=int, default=None, help="default: configs/shapes_lcd.py")
+    p.add_argument("--lora_steps", type=int, default=None, help="0 skips LCM-LoRA")
+    p.add_argument("--num_prompts", type=int, default=200)
+    p.add_argument("--teacher", default=None, help="default: the shipped shapes teacher")
+    args = p.parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    config = load_config(None, args.teacher)
+    lcd = args.lcd_steps if args.lcd_steps is not None else config.total_steps
+    lora = args.lora_steps if args.lora_steps is not None else config.total_steps // 3
+    run(args.workdir, lcd, lora, args.num_prompts, args.teacher)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
