@@ -219,19 +219,11 @@ def student_and_shapes(config) -> tuple[Any, Any]:
 def restore_latest(config, workdir: str) -> tuple[Any, Any]:
     """(trained UNet module, TrainState) of the workdir's latest checkpoint, on one local device."""
     import jax
-    import jax.numpy as jnp
 
     from lcm_jax import train
 
     unet, shapes = student_and_shapes(config)
-    tx, _ = train.make_optimizer(config)
-
-    def init_state(params):  # as train.setup's init_state
-        params = jax.tree.map(lambda x: jnp.asarray(x, train._dtype(config.model.param_dtype)), params)
-        target = params if config.method in ("lcd", "lcf") else None
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
-                                opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
-
+    init_state = train.make_init_state(config, train.make_optimizer(config)[0])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             jax.eval_shape(init_state, shapes))

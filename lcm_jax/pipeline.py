@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 import warnings
 from typing import Any, Optional, Sequence, Union
 

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Params = Any
@@ -124,6 +123,3 @@ def per_device_bytes(shapes: Params, shardings: Params) -> int:
         total += int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
 
-
-def flat_names(tree: Params) -> list[str]:
-    return ["/".join(k) for k in traverse_util.flatten_dict(tree)]

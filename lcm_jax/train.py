@@ -359,6 +359,16 @@ def _progress_line(step: int, total: int, row: dict) -> str:
 # =============================================================================================
 
 
+def make_init_state(config, tx: optax.GradientTransformation) -> Callable[[Params], TrainState]:
+    """init_state(params) -> TrainState at step 0 (the EMA target starts equal to the student)."""
+    def init_state(params):
+        params = jax.tree.map(lambda x: jnp.asarray(x, _dtype(config.model.param_dtype)), params)
+        target = params if config.method in ("lcd", "lcf") else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
+    return init_state
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -368,13 +378,7 @@ def setup(config, mesh) -> dict:
     models = build_models(config)
     tx, lr_fn = make_optimizer(config)
     rules = [tuple(r) for r in config.sharding.rules]
-
-    def init_state(params):
-        params = jax.tree.map(lambda x: jnp.asarray(x, _dtype(config.model.param_dtype)), params)
-        target = params if config.method in ("lcd", "lcf") else None
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
-                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
-
+    init_state = make_init_state(config, tx)
     state_shapes = jax.eval_shape(init_state, models.init_params)
     state_sh = sharding.named(mesh, sharding.param_specs(state_shapes, mesh, rules))
     frozen = dict(models.frozen)

@@ -2,6 +2,7 @@
 processes against one. Runs the real `python -m lcm_jax.train` on configs/tiny_lcd.py."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM: saved step" in out
-    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    step = int(re.search(r"SIGTERM: saved step (\d+)", out).group(1))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
 
 

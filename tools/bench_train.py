@@ -69,7 +69,6 @@ def run_torch(args) -> dict:
     import copy
 
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -140,7 +139,6 @@ def run_torch(args) -> dict:
 
 def run_fsdp_bytes(_args) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
 
     from lcm_jax import sharding

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
