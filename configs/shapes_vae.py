@@ -11,7 +11,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 800
     c.batch_size = 8
     c.log_every = 25
 
@@ -25,7 +25,7 @@ def get_config(arg=None):
         "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "seed": 0,
     })
-    c.loss = ml_collections.ConfigDict({"reconstruction": "l1", "beta": 1e-6})
+    c.loss = ml_collections.ConfigDict({"reconstruction": "l2", "beta": 1e-6})
     c.optim = ml_collections.ConfigDict({
         "learning_rate": 2e-3, "warmup_steps": 50, "b1": 0.9, "b2": 0.99,
         "weight_decay": 0.0, "grad_clip": 1.0,
