@@ -6,8 +6,11 @@
 A UNet with `time_cond_proj_dim` (a distilled LCM) is conditioned on w = guidance_scale - 1 and
 runs without classifier-free guidance, as diffusers' LatentConsistencyModelPipeline; a plain UNet
 (a teacher, or SD + LCM-LoRA) uses classifier-free guidance when guidance_scale > 1, as
-StableDiffusionPipeline. The whole sample (all UNet steps and the VAE decode) is one XLA program,
-compiled once per (sampler, steps, batch, size) and kept in a persistent compilation cache.
+StableDiffusionPipeline. An SDXL folder (text_encoder_2/, tokenizer_2/) is conditioned as
+StableDiffusionXLPipeline: both encoders' penultimate states, the pooled text embeds and the
+(height, width, 0, 0, height, width) micro-conditioning. The whole sample (all UNet steps and the
+VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size) and kept in a
+persistent compilation cache.
 """
 from __future__ import annotations
 
@@ -51,11 +54,20 @@ class Components:
     tokenizer: Any
     schedule: schedules.NoiseSchedule
     scheduler_config: dict
+    text_encoder_2: Any = None      # SDXL's second CLIP encoder (with projection); None for SD 1/2
+    text_params_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: CFG without a negative prompt uses zeros
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = None,
                     with_unet: bool = True) -> Components:
-    """Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder.
+    """Loads unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder
+    (and text_encoder_2/, tokenizer_2/ when model_index.json names them: SDXL).
 
     with_unet=False loads everything but the UNet (a teacher trained from scratch on top of an
     existing VAE and text encoder); the unet fields are then None.
@@ -70,9 +82,6 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
                            "(expected subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     with open(index) as f:
         parts = json.load(f)
-    if "text_encoder_2" in parts and parts["text_encoder_2"] and parts["text_encoder_2"][0]:
-        raise WeightsError(f"{folder} is an SDXL pipeline (two text encoders); LCMPipeline loads "
-                           "single-encoder (SD 1.x/2.x) pipelines")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     try:
         with open(sched_path) as f:
@@ -84,8 +93,29 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
     vae, vp = load_vae(os.path.join(folder, "vae"), dtype=dtype, variant=variant)
     te, tp = load_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype, variant=variant)
     tok = load_tokenizer(os.path.join(folder, "tokenizer"))
+    sdxl = {}
+    if all((parts.get(k) or [None])[0] for k in ("text_encoder_2", "tokenizer_2")):
+        te2, tp2 = load_text_encoder(os.path.join(folder, "text_encoder_2"), dtype=dtype, variant=variant)
+        sdxl = dict(text_encoder_2=te2, text_params_2=tp2,
+                    tokenizer_2=load_tokenizer(os.path.join(folder, "tokenizer_2")),
+                    force_zeros_for_empty_prompt=bool(parts.get("force_zeros_for_empty_prompt", True)))
     return Components(unet, up, vae, vp, te, tp, tok,
-                      schedules.NoiseSchedule.from_scheduler_config(sched_cfg), sched_cfg)
+                      schedules.NoiseSchedule.from_scheduler_config(sched_cfg), sched_cfg, **sdxl)
+
+
+def sdxl_text_embeddings(te1, params1, te2, params2, ids1: jax.Array,
+                         ids2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SDXL's prompt conditioning from both encoders' token ids: their penultimate hidden states
+    concatenated on the feature axis (B, L, D1 + D2), and the second encoder's projected pooled
+    output (B, P) that feeds the UNet's add_embedding."""
+    h1 = te1.apply({"params": params1}, ids1).hidden_states[-2]
+    out2 = te2.apply({"params": params2}, ids2)
+    return jnp.concatenate([h1, out2.hidden_states[-2]], axis=-1), out2.text_embeds
+
+
+def sdxl_time_ids(batch: int, height: int, width: int) -> np.ndarray:
+    """SDXL micro-conditioning (original size, crop top-left, target size) = (h, w, 0, 0, h, w)."""
+    return np.tile(np.asarray([height, width, 0, 0, height, width], np.float32), (batch, 1))
 
 
 def _check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -139,19 +169,39 @@ class LCMPipeline:
         return (self.unet_params, None) if lora is None else (self.unet_params, lora[0])
 
     # ----------------------------------------------------------------------------- text
-    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
-        """CLIP last hidden state (B, 77, D) for the prompts; warns about truncated prompts."""
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[jax.Array, Optional[jax.Array]]:
+        """(embeddings (B, 77, D) the UNet attends to, pooled (B, P) or None); warns about
+        truncated prompts. SD 1.x/2.x: CLIP's last hidden state and no pooled embeds; SDXL: see
+        `sdxl_text_embeddings`."""
+        ids = [self._token_ids(tok, prompts) for tok in (self.c.tokenizer, self.c.tokenizer_2)
+               if tok is not None]
+        params = (self.c.text_params, self.c.text_params_2)
+        return self._text_fn(params, *ids)
+
+    @staticmethod
+    def _token_ids(tokenizer, prompts: Sequence[str]) -> jax.Array:
         from lcm_jax.convert.clip import encode_prompt_ids
 
-        ids, truncated = encode_prompt_ids(self.c.tokenizer, list(prompts))
+        ids, truncated = encode_prompt_ids(tokenizer, list(prompts))
         for p in truncated:
             warnings.warn(f"prompt truncated to {ids.shape[1]} tokens (CLIP's limit): {p!r}")
-        return self._text_fn(self.c.text_params, jnp.asarray(ids))
+        return jnp.asarray(ids)
 
     @functools.cached_property
     def _text_fn(self):
-        te = self.c.text_encoder
-        return jax.jit(lambda p, ids: te.apply({"params": p}, ids).last_hidden_state)
+        te, te2 = self.c.text_encoder, self.c.text_encoder_2
+        if te2 is None:
+            return jax.jit(lambda p, ids: (te.apply({"params": p[0]}, ids).last_hidden_state, None))
+        return jax.jit(lambda p, ids1, ids2: sdxl_text_embeddings(te, p[0], te2, p[1], ids1, ids2))
+
+    def _negative_prompt(self, negative_prompt, text: jax.Array, pooled: Optional[jax.Array]):
+        """The unconditional side of CFG: the encoded negative prompt ("" when none), or zeros
+        when there is none and the pipeline sets force_zeros_for_empty_prompt (SDXL)."""
+        b = text.shape[0]
+        if negative_prompt is None and self.c.force_zeros_for_empty_prompt:
+            return jnp.zeros_like(text), (None if pooled is None else jnp.zeros_like(pooled))
+        neg = negative_prompt if negative_prompt is not None else ""
+        return self.encode_prompt([neg] * b if isinstance(neg, str) else list(neg))
 
     # ----------------------------------------------------------------------------- sampling
     def timesteps(self, sampler: str, num_inference_steps: int, original_inference_steps: int = 50,
@@ -179,8 +229,9 @@ class LCMPipeline:
         """The UNet call and the VAE decode compiled on their own (compile='model')."""
         return jax.jit(self._apply_unet), jax.jit(functools.partial(decode_latents, self.c.vae))
 
-    def _apply_unet(self, params, x, t, text, t_cond):
-        return self.c.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond)
+    def _apply_unet(self, params, x, t, text, t_cond, added=None):
+        return self.c.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond,
+                                 added_cond_kwargs=added)
 
     def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str):
         schedule = self.c.schedule
@@ -192,23 +243,25 @@ class LCMPipeline:
         else:
             apply_unet, decode = self._apply_unet, functools.partial(decode_latents, self.c.vae)
 
-        def generate(unet_params, vae_params, lora, text, uncond, latents, w, rng, noises):
+        def generate(unet_params, vae_params, lora, cond, latents, w, rng, noises):
             from lcm_jax.models import layers
             from lcm_jax.models import lora as lora_lib
 
             if lora is not None:
                 unet_params = lora_lib.merge(unet_params, lora[0], lora[1])
             b = latents.shape[0]
+            text, uncond, added, uncond_added = cond
             t_cond = None if w_dim is None else layers.guidance_scale_embedding(
                 jnp.full((b,), w - 1.0), w_dim)
 
             def model_fn(x, t):
                 if use_cfg:  # one batch of 2B: unconditional rows first, as diffusers
-                    out = apply_unet(unet_params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                     jnp.concatenate([uncond, text]), None)
+                    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]),
+                                        (x, t, uncond, uncond_added), (x, t, text, added))
+                    out = apply_unet(unet_params, *both[:3], None, both[3])
                     out_u, out_c = jnp.split(out, 2)
                     return out_u + w * (out_c - out_u)
-                return apply_unet(unet_params, x, t, text, t_cond)
+                return apply_unet(unet_params, x, t, text, t_cond, added)
 
             if sampler == "lcm":
                 z = sampling.lcm_sample(model_fn, latents, schedule, ts, rng, noises=noises, debug=eager)
@@ -242,14 +295,17 @@ class LCMPipeline:
         if compile not in ("whole", "model", "none"):
             raise ValueError(f"compile must be 'whole', 'model' or 'none', got {compile!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        text = self.encode_prompt(prompts)
+        text, pooled = self.encode_prompt(prompts)
         b = len(prompts)
         use_cfg = self.c.unet.config.time_cond_proj_dim is None and guidance_scale > 1.0
-        uncond = None
+        uncond = uncond_pooled = added = uncond_added = None
         if use_cfg:
-            neg = negative_prompt if negative_prompt is not None else ""
-            neg = [neg] * b if isinstance(neg, str) else list(neg)
-            uncond = self.encode_prompt(neg)
+            uncond, uncond_pooled = self._negative_prompt(negative_prompt, text, pooled)
+        if pooled is not None:
+            time_ids = jnp.asarray(sdxl_time_ids(b, height, width))
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            if use_cfg:
+                uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids}
         shape = (b, height // 8, width // 8, self.c.unet.config.in_channels)
         rng = jax.random.PRNGKey(seed)
         rng_lat, rng_steps = jax.random.split(rng)
@@ -264,25 +320,26 @@ class LCMPipeline:
             self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, compile)
         params, lora = self.unet_call_params()
         lora_arg = None if lora is None else (lora, self._lora[1])
-        (params, vae_params, lora_arg), text, uncond, latents = self._place(
-            (params, self.c.vae_params, lora_arg), text, uncond, jnp.asarray(latents, jnp.float32))
-        images = self._compiled[key](params, vae_params, lora_arg, text, uncond, latents,
+        (params, vae_params, lora_arg), cond, latents = self._place(
+            (params, self.c.vae_params, lora_arg), (text, uncond, added, uncond_added),
+            jnp.asarray(latents, jnp.float32))
+        images = self._compiled[key](params, vae_params, lora_arg, cond, latents,
                                      jnp.float32(guidance_scale), rng_steps,
                                      None if noises is None else jnp.asarray(noises, jnp.float32))
         return np.asarray(jax.device_get(images), np.float32)
 
-    def _place(self, weights, text, uncond, latents):
-        """Splits the batch over every local device ('data' axis) when it divides evenly;
-        weights are replicated. On one device this changes nothing."""
+    def _place(self, weights, cond, latents):
+        """Splits the batch (latents and the conditioning pytree) over every local device ('data'
+        axis) when it divides evenly; weights are replicated. On one device this changes nothing."""
         n = jax.local_device_count()
         if n == 1 or latents.shape[0] % n:
-            return weights, text, uncond, latents
+            return weights, cond, latents
         from lcm_jax import sharding
         mesh = sharding.make_mesh(n, 1, jax.local_devices())
         rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         weights = jax.device_put(weights, rep)
-        text, uncond, latents = jax.device_put((text, uncond, latents), batch)
-        return weights, text, uncond, latents
+        cond, latents = jax.device_put((cond, latents), batch)
+        return weights, cond, latents
 
 
 def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:
@@ -302,7 +359,9 @@ def pipeline_from_training(config, models, state) -> "LCMPipeline":
     else:
         params = state.target_params if state.target_params is not None else state.params
     comps = Components(models.unet, params, models.vae, models.frozen["vae"], models.text_encoder,
-                       models.frozen["text_encoder"], models.tokenizer, models.schedule, {})
+                       models.frozen["text_encoder"], models.tokenizer, models.schedule, {},
+                       models.text_encoder_2, models.frozen.get("text_encoder_2"), models.tokenizer_2,
+                       force_zeros_for_empty_prompt=models.text_encoder_2 is not None)
     return LCMPipeline(comps)
 
 

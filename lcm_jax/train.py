@@ -50,11 +50,13 @@ class Models(NamedTuple):
     unet: Any                       # the trained module (student or teacher-in-training)
     init_params: Params             # its starting parameters (host numpy or jax)
     teacher: Any                    # the frozen teacher module (None for LCF / diffusion)
-    frozen: dict                    # frozen weights: teacher, vae, text_encoder, uncond_embeds
+    frozen: dict                    # frozen weights: teacher, vae, text_encoder(_2), uncond_embeds
     schedule: schedules.NoiseSchedule
     vae: Any = None
     text_encoder: Any = None
     tokenizer: Any = None
+    text_encoder_2: Any = None      # SDXL's second text encoder and tokenizer
+    tokenizer_2: Any = None
 
 
 # =============================================================================================
@@ -91,7 +93,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     mc = config.model
     compute = _dtype(mc.compute_dtype)
     frozen: dict = {}
-    vae = text_encoder = tokenizer = None
+    vae = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
     schedule = schedules.NoiseSchedule(prediction_type=mc.prediction_type)
     folder = mc.teacher or mc.components
     if folder:  # VAE, text encoder, tokenizer and schedule (and the teacher UNet) from a folder
@@ -99,6 +101,9 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
         comps = load_components(folder, dtype=compute, with_unet=bool(mc.teacher))
         vae, text_encoder, tokenizer = comps.vae, comps.text_encoder, comps.tokenizer
         frozen.update(vae=comps.vae_params, text_encoder=comps.text_params)
+        if comps.is_sdxl:
+            text_encoder_2, tokenizer_2 = comps.text_encoder_2, comps.tokenizer_2
+            frozen["text_encoder_2"] = comps.text_params_2
         schedule = comps.schedule
     if mc.teacher:
         unet_cfg, teacher_params = comps.unet.config.to_diffusers(), comps.unet_params
@@ -125,13 +130,38 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     elif config.method == "lcd":
         frozen["teacher"] = jax.tree.map(lambda x: jnp.asarray(x, _dtype(mc.teacher_dtype)), teacher_params)
     return Models(student, init, teacher if config.method in ("lcd", "lcm_lora") else None,
-                  frozen, schedule, vae, text_encoder, tokenizer)
+                  frozen, schedule, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
 
 
 def _dummy_inputs(unet, config) -> tuple:
     n, c = config.data.latent_size, unet.config
+    added = None
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text embeds + 6 micro-cond ids
+        pooled = c.to_diffusers()["projection_class_embeddings_input_dim"] - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
     return (jnp.zeros((1, n, n, c.in_channels)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, config.data.text_len, c.cross_attention_dim[0])))
+            jnp.zeros((1, config.data.text_len, c.cross_attention_dim[0])), None, added)
+
+
+def tokenize_fn(models: Models) -> Optional[Callable[[list[str]], np.ndarray]]:
+    """Captions -> token ids (B, L), or (B, 2, L) for SDXL's two tokenizers; None without one."""
+    if models.tokenizer is None:
+        return None
+    from lcm_jax.convert.clip import encode_prompt_ids
+    if models.tokenizer_2 is None:
+        return lambda caps: encode_prompt_ids(models.tokenizer, caps)[0]
+    return lambda caps: np.stack([encode_prompt_ids(tok, caps)[0]
+                                  for tok in (models.tokenizer, models.tokenizer_2)], axis=1)
+
+
+def uncond_embeds(models: Models) -> jax.Array:
+    """The unconditional prompt embeddings (1, L, D): the empty prompt's, or zeros for SDXL (as
+    diffusers' SDXL LCM distillation)."""
+    ids = tokenize_fn(models)([""])
+    if models.text_encoder_2 is not None:
+        return jnp.zeros((1, ids.shape[-1], models.unet.config.cross_attention_dim[0]))
+    te = models.text_encoder.apply({"params": models.frozen["text_encoder"]}, jnp.asarray(ids))
+    return te.last_hidden_state
 
 
 def make_model_fns(config, models: Models) -> tuple[Callable, Optional[Callable]]:
@@ -196,10 +226,12 @@ def make_encode(config, models: Models) -> Callable:
             z = post.sample(rng)
             shift = models.vae.shift_factor or 0.0
             out["latents"] = ((z - shift) * models.vae.scaling_factor).astype(jnp.float32)
-        if "input_ids" in out:
+        b = out["latents"].shape[0]
+        if "input_ids" in out and models.text_encoder_2 is not None:  # SDXL, ids (B, 2, L)
+            out.update(_encode_sdxl(config, models, frozen, out.pop("input_ids")))
+        elif "input_ids" in out:
             te = models.text_encoder.apply({"params": frozen["text_encoder"]}, out.pop("input_ids"))
             out["prompt_embeds"] = te.last_hidden_state.astype(jnp.float32)
-        b = out["latents"].shape[0]
         uncond = jnp.broadcast_to(frozen["uncond_embeds"], (b,) + frozen["uncond_embeds"].shape[1:])
         out["uncond_embeds"] = uncond
         if config.method == "diffusion" and config.data.caption_dropout > 0:
@@ -207,6 +239,22 @@ def make_encode(config, models: Models) -> Callable:
             out["prompt_embeds"] = jnp.where(drop[:, None, None], uncond, out["prompt_embeds"])
         return out
     return encode
+
+
+def _encode_sdxl(config, models: Models, frozen, ids: jax.Array) -> dict:
+    """SDXL conditioning: concatenated penultimate states, pooled embeds and micro-conditioning
+    time_ids (resolution, resolution, 0, 0, resolution, resolution); zero pooled embeds for uncond."""
+    from lcm_jax.pipeline import sdxl_text_embeddings, sdxl_time_ids
+
+    embeds, pooled = sdxl_text_embeddings(models.text_encoder, frozen["text_encoder"],
+                                          models.text_encoder_2, frozen["text_encoder_2"],
+                                          ids[:, 0], ids[:, 1])
+    r = config.data.resolution
+    time_ids = jnp.asarray(sdxl_time_ids(ids.shape[0], r, r))
+    pooled = pooled.astype(jnp.float32)
+    return {"prompt_embeds": embeds.astype(jnp.float32),
+            "added_cond": {"text_embeds": pooled, "time_ids": time_ids},
+            "uncond_added_cond": {"text_embeds": jnp.zeros_like(pooled), "time_ids": time_ids}}
 
 
 def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr_fn) -> Callable:
@@ -382,12 +430,9 @@ def setup(config, mesh) -> dict:
     state_shapes = jax.eval_shape(init_state, models.init_params)
     state_sh = sharding.named(mesh, sharding.param_specs(state_shapes, mesh, rules))
     frozen = dict(models.frozen)
-    tokenize = None
-    if models.tokenizer is not None:
-        from lcm_jax.convert.clip import encode_prompt_ids
-        tokenize = lambda caps: encode_prompt_ids(models.tokenizer, caps)[0]
-        frozen["uncond_embeds"] = models.text_encoder.apply(
-            {"params": frozen["text_encoder"]}, jnp.asarray(tokenize([""]))).last_hidden_state
+    tokenize = tokenize_fn(models)
+    if tokenize is not None:
+        frozen["uncond_embeds"] = uncond_embeds(models)
     ucfg = models.unet.config
     text_shape = (config.data.text_len, ucfg.cross_attention_dim[0])
     latent_shape = (config.data.latent_size, config.data.latent_size, ucfg.in_channels)

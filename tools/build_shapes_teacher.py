@@ -116,11 +116,11 @@ held-out images):
 {table}
 
 grid.png: samples at the best guidance.
-"""
+{note}"""
 
 
 def write_readme(out_dir: str, vae_cfg: dict, vae_eval: dict, teacher_cfg: dict, rows: list[dict],
-                 times: dict) -> None:
+                 times: dict, note: str = "") -> None:
     table = "\n".join(
         f"| {r['guidance_scale']} | {r['prompt_accuracy']:.3f} | {r['fd']:.2f} | "
         f"{r['acc/background']:.3f} | {r['acc/shape']:.3f} | {r['acc/color']:.3f} | "
@@ -135,9 +135,20 @@ def write_readme(out_dir: str, vae_cfg: dict, vae_eval: dict, teacher_cfg: dict,
         unet_channels=teacher_cfg["model"]["unet"]["block_out_channels"],
         teacher_steps=teacher_cfg["total_steps"], vae_min=times.get("vae", vae_eval["train_seconds"]) / 60,
         teacher_min=times.get("teacher", float("nan")) / 60, num_prompts=rows[0]["num_prompts"],
-        table=table)
+        table=table, note=f"\n{note}\n" if note else "")
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(text)
+
+
+def logged_train_seconds(metrics_path: str) -> float:
+    """Training time from a run's metrics.jsonl (steps between log lines / steps_per_s)."""
+    total, last = 0.0, 0
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            total += (row["step"] - last) / max(row["steps_per_s"], 1e-9)
+            last = row["step"]
+    return total
 
 
 def folder_size(path: str) -> int:
@@ -154,6 +165,7 @@ def main() -> None:
     p.add_argument("--guidance", default="3,5,7.5", help="comma-separated CFG scales to evaluate")
     p.add_argument("--num_prompts", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--note", default="", help="a paragraph appended to README.md (e.g. caveats)")
     a = p.parse_args()
 
     vae_dir, teacher_dir = os.path.join(a.workdir, "vae"), os.path.join(a.workdir, "teacher")
@@ -173,11 +185,12 @@ def main() -> None:
     print(f"assembled teacher at step {step} in {tmp}", flush=True)
     rows = evaluate_teacher(tmp, [float(g) for g in a.guidance.split(",")], a.num_prompts, a.steps,
                             os.path.join(tmp, "grid.png"))
+    times.setdefault("teacher", logged_train_seconds(os.path.join(teacher_dir, "metrics.jsonl")))
     load = lambda path: json.load(open(path))
     teacher_cfg = load(os.path.join(teacher_dir, "config.json"))
     teacher_cfg["total_steps"] = step
     write_readme(tmp, load(os.path.join(vae_dir, "config.json")), load(os.path.join(vae_dir, "vae_eval.json")),
-                 teacher_cfg, rows, times)
+                 teacher_cfg, rows, times, a.note)
     with open(os.path.join(tmp, "eval.json"), "w") as f:
         json.dump({"ddim_cfg": rows, "train_seconds": times}, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)

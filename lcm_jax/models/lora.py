@@ -42,16 +42,23 @@ def init_lora(rng: jax.Array, params: Params, rank: int,
     paths = target_paths(params, targets)
     if not paths:
         raise ValueError(f"no kernel in the model matches the LoRA targets {list(targets)}")
-    # numpy draws: one eager jax.random call per kernel shape would compile once per shape.
-    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
-    out: dict[tuple[str, ...], jax.Array] = {}
+    shapes = []
     for path in paths:
-        kernel = flat[tuple(path.split("/")) + ("kernel",)]
-        *lead, fan_in, fan_out = kernel.shape
-        down = gen.standard_normal((*lead, fan_in, rank), np.float32) / rank
-        out[tuple(path.split("/")) + ("down",)] = jnp.asarray(down, dtype)
-        out[tuple(path.split("/")) + ("up",)] = jnp.zeros((rank, fan_out), dtype)
-    return traverse_util.unflatten_dict(out)
+        *lead, fan_in, fan_out = flat[tuple(path.split("/")) + ("kernel",)].shape
+        shapes.append(((*lead, fan_in, rank), fan_out))
+    sizes = [int(np.prod(s)) for s, _ in shapes]
+    offsets = np.cumsum([0] + sizes)
+
+    @jax.jit  # one program for every factor, instead of one eager op per kernel shape
+    def draw(key):
+        noise = jax.random.normal(key, (sum(sizes),), dtype) / rank
+        out: dict[tuple[str, ...], jax.Array] = {}
+        for path, (shape, fan_out), start, size in zip(paths, shapes, offsets, sizes):
+            out[tuple(path.split("/")) + ("down",)] = noise[start:start + size].reshape(shape)
+            out[tuple(path.split("/")) + ("up",)] = jnp.zeros((rank, fan_out), dtype)
+        return out
+
+    return traverse_util.unflatten_dict(draw(rng))
 
 
 def adapters(lora: Params) -> dict[str, tuple[jax.Array, jax.Array]]:
