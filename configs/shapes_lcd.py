@@ -40,4 +40,5 @@ def get_config(arg=None):
     c.data.text_len = 32
     c.data.world_seed = 0
     c.data.num_examples = 50000
+    c.data.cache_size = 10000           # encode once: the step runs only the UNets
     return c

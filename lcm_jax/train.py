@@ -217,8 +217,9 @@ def make_loss(config, models: Models):
     return consistency.make_consistency_loss(student_fn, teacher_fn, models.schedule, cfg)
 
 
-def make_encode(config, models: Models) -> Callable:
-    """Raw batch -> latents and text embeddings (inside the jitted step, frozen VAE/text encoder)."""
+def make_encode(config, models: Models, with_uncond: bool = True) -> Callable:
+    """Raw batch -> latents and text embeddings (inside the jitted step, frozen VAE/text encoder);
+    with_uncond=False stops there (the latent cache), else adds the unconditional embeddings."""
     def encode(frozen, batch, rng):
         out = dict(batch)
         if "pixel_values" in out:
@@ -232,6 +233,8 @@ def make_encode(config, models: Models) -> Callable:
         elif "input_ids" in out:
             te = models.text_encoder.apply({"params": frozen["text_encoder"]}, out.pop("input_ids"))
             out["prompt_embeds"] = te.last_hidden_state.astype(jnp.float32)
+        if not with_uncond:
+            return out
         uncond = jnp.broadcast_to(frozen["uncond_embeds"], (b,) + frozen["uncond_embeds"].shape[1:])
         out["uncond_embeds"] = uncond
         if config.method == "diffusion" and config.data.caption_dropout > 0:
@@ -437,6 +440,12 @@ def setup(config, mesh) -> dict:
     text_shape = (config.data.text_len, ucfg.cross_attention_dim[0])
     latent_shape = (config.data.latent_size, config.data.latent_size, ucfg.in_channels)
     source = sources.make_source(config, tokenize, latent_shape, text_shape)
+    if config.data.cache_size and models.vae is not None:
+        encode_fn = jax.jit(make_encode(config, models, with_uncond=False))
+        key = jax.random.PRNGKey(config.seed + 2)
+        source = sources.LatentCache(
+            source, lambda raw: jax.device_get(encode_fn(frozen, raw, key)), config.data.cache_size,
+            seed=config.seed, log=print if jax.process_index() == 0 else (lambda _: None))
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
     frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))

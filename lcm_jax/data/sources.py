@@ -102,10 +102,38 @@ class ImageCaptionSource:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
         b = self.global_batch_size
         sl = _local_slice(b, process_index, process_count)
-        idx = [self._order[step * b + i] for i in range(sl.start, sl.stop)]
-        images, captions = zip(*(self._examples(int(i)) for i in idx))
+        return self.examples([self._order[step * b + i] for i in range(sl.start, sl.stop)])
+
+    def examples(self, indices: Sequence[int]) -> Batch:
+        """The raw examples at dataset `indices` (unshuffled), as a batch."""
+        images, captions = zip(*(self._examples(int(i)) for i in indices))
         pixels = np.stack(images).astype(np.float32) / 127.5 - 1.0
         return {"pixel_values": pixels, "input_ids": self._tokenize(list(captions))}
+
+
+class LatentCache:
+    """Latents and text embeddings of the first `size` examples, encoded once (frozen VAE and
+    text encoder), then served like the source they came from: a batch is a function of the step.
+    Skips the VAE encoder and text encoder in every training step."""
+
+    def __init__(self, source: ImageCaptionSource, encode: Callable[[Batch], Batch], size: int,
+                 seed: int = 0, chunk: int = 256, log: Callable[[str], None] = print):
+        import grain
+
+        size = min(size, source.length)
+        parts = []
+        for start in range(0, size, chunk):
+            parts.append(encode(source.examples(range(start, min(start + chunk, size)))))
+            log(f"latent cache: {min(start + chunk, size)}/{size} examples encoded")
+        self.arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self.global_batch_size = source.global_batch_size
+        self._order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+        b = self.global_batch_size
+        sl = _local_slice(b, process_index, process_count)
+        idx = np.array([self._order[step * b + i] for i in range(sl.start, sl.stop)])
+        return {k: v[idx] for k, v in self.arrays.items()}
 
 
 def folder_examples(folder: str, resolution: int) -> tuple[Callable[[int], tuple[np.ndarray, str]], int]:
