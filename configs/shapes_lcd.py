@@ -17,12 +17,12 @@ def get_config(arg=None):
     c.method = "lcm_lora" if arg == "lora" else "lcd"
     c.model.teacher = TEACHER
     c.model.time_cond_proj_dim = 64
-    c.total_steps = 1500
+    c.total_steps = 600
     c.batch_size = 32
     c.log_every = 50
-    c.eval_every = 250
-    c.checkpoint_every = 500
-    c.sample_every = 500
+    c.eval_every = 100
+    c.checkpoint_every = 200
+    c.sample_every = 200
     c.sample_prompts = ["a large red circle at the center on a blue background",
                         "a small yellow star at the top left and a large green square at the "
                         "bottom right on a black background"]

@@ -10,6 +10,9 @@ from lcm_jax.evaluate import CLASSIFIER_DIR
 
 LCD_STEPS = int(os.environ.get("LCM_JAX_TEST_LCD_STEPS", "600"))
 
+# A full demo distillation (about 10-25 minutes on 2 cores): `make test-slow`.
+pytestmark = pytest.mark.slow
+
 
 def _row(rows, model, sampler, steps):
     return next(r for r in rows if (r.model, r.sampler, r.steps) == (model, sampler, steps))
