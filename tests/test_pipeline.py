@@ -74,3 +74,24 @@ def test_long_prompt_warns(pipe):
 def test_not_a_pipeline_folder(tmp_path):
     with pytest.raises(WeightsError, match="no model_index.json"):
         LCMPipeline.from_pretrained(str(tmp_path))
+
+
+def test_lora_fused_equals_unfused(folder, tmp_path):
+    import jax
+
+    from lcm_jax.convert.lora import save_lora_peft
+    from lcm_jax.models import lora as lora_lib
+
+    fused = LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path / "xla"))
+    factors = lora_lib.init_lora(jax.random.PRNGKey(0), fused.unet_params, rank=2)
+    factors = jax.tree.map(lambda x: x + 0.05, factors)  # nonzero `up`: the LoRA changes the UNet
+    path = str(tmp_path / "lora.safetensors")
+    save_lora_peft(factors, 1.0, path)
+    args = dict(num_inference_steps=2, height=64, width=64, seed=1)
+    plain = fused(PROMPTS[:1], **args)
+    fused.load_lora_weights(path, fuse=True)
+    unfused = LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path / "xla"))
+    unfused.load_lora_weights(path, fuse=False)
+    a, b = fused(PROMPTS[:1], **args), unfused(PROMPTS[:1], **args)
+    assert np.abs(a - plain).max() > 1e-3
+    np.testing.assert_allclose(a, b, atol=1e-5)
