@@ -410,6 +410,11 @@ def _progress_line(step: int, total: int, row: dict) -> str:
 # =============================================================================================
 
 
+def _main_process_print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def make_init_state(config, tx: optax.GradientTransformation) -> Callable[[Params], TrainState]:
     """init_state(params) -> TrainState at step 0 (the EMA target starts equal to the student)."""
     def init_state(params):
@@ -445,7 +450,7 @@ def setup(config, mesh) -> dict:
         key = jax.random.PRNGKey(config.seed + 2)
         source = sources.LatentCache(
             source, lambda raw: jax.device_get(encode_fn(frozen, raw, key)), config.data.cache_size,
-            seed=config.seed, log=print if jax.process_index() == 0 else (lambda _: None))
+            seed=config.seed, log=_main_process_print)
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
     frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
@@ -121,10 +122,14 @@ class LatentCache:
         import grain
 
         size = min(size, source.length)
-        parts = []
-        for start in range(0, size, chunk):
+        parts, t0 = [], time.time()
+        starts = range(0, size, chunk)
+        every = max(1, len(starts) // 10)
+        for i, start in enumerate(starts):
             parts.append(encode(source.examples(range(start, min(start + chunk, size)))))
-            log(f"latent cache: {min(start + chunk, size)}/{size} examples encoded")
+            if i % every == every - 1 or i == len(starts) - 1:
+                log(f"latent cache: {min(start + chunk, size)}/{size} examples encoded "
+                    f"({time.time() - t0:.0f}s)")
         self.arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         self.global_batch_size = source.global_batch_size
         self._order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
