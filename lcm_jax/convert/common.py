@@ -14,6 +14,7 @@ safetensors' torch bindings: the format is parsed here.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -45,11 +46,16 @@ class WeightsError(ValueError):
 
 
 def read_safetensors(path: str) -> StateDict:
-    """Reads a .safetensors file into numpy arrays (bf16 via ml_dtypes), validating the layout."""
+    """Reads a .safetensors file into numpy arrays (bf16 via ml_dtypes), validating the layout.
+
+    The file is memory-mapped: the arrays are read-only views, and bytes are read from disk
+    (or the page cache) only when a tensor is first touched, so loading copies each byte once.
+    """
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
+            size = os.fstat(f.fileno()).st_size
+            raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as e:
         raise WeightsError(f"cannot read weights file {path}: {e}") from e
     if len(raw) < 8:
         raise WeightsError(f"{path} is not a safetensors file (only {len(raw)} bytes)")
@@ -272,7 +278,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], shapes: Params, *, sourc
             mismatched.append(f"{key} -> {'/'.join(fpath)}: checkpoint {tuple(np.shape(value))} "
                               f"(as Flax {tuple(arr.shape)}), model expects {tuple(target.shape)}")
             continue
-        out[fpath] = arr.astype(target.dtype)
+        out[fpath] = arr.astype(target.dtype, copy=False)  # a view when no cast is needed
     missing = ["/".join(p) for p in flat_shapes if p not in out]
     not_ok = [m for m in missing if not any(re.search(p, m) for p in missing_ok)]
     errors = []
