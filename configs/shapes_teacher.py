@@ -36,10 +36,11 @@ def get_config(arg=None):
     c.model.components = folder
     c.model.unet = shapes_unet()
     c.model.time_cond_proj_dim = 0
-    c.total_steps = 1000
-    c.batch_size = 32      # not 64: on a shared 2-core CPU more updates beat bigger batches
+    c.total_steps = 10000
+    c.batch_size = 32      # not 64: on a 2-core CPU more updates beat bigger batches
+    c.diffusion_ema_decay = 0.999   # the shipped UNet is the EMA of the weights
     c.log_every = 25
-    c.checkpoint_every = 250
+    c.checkpoint_every = 1000
     c.keep_checkpoints = 2
     c.async_checkpointing = False
     c.sample_prompts = ["a large red circle in the center on a black background"]
@@ -54,7 +55,10 @@ def get_config(arg=None):
     c.data.text_len = TEXT_LEN
     c.data.caption_dropout = 0.1
     c.data.world_seed = 0
+    c.data.num_examples = 20000
+    c.data.cache_size = 20000           # encode once with the frozen VAE: the step runs the UNet only
     if variant == "tiny":
         c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 4, 8, 2, 4
         c.optim.warmup_steps = 1
+        c.data.num_examples, c.data.cache_size = 64, 32
     return c

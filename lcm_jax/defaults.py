@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.huber_c = 0.001
     c.loss.sigma_data = 0.5
     c.loss.timestep_scaling = 10.0
-    c.loss.ema_decay = 0.95
+    c.loss.ema_decay = 0.95         # LCD/LCF target network theta-
+    c.diffusion_ema_decay = 0.0     # method='diffusion': EMA of the weights (exported); 0 = none
     c.loss.solver = "ddim"
     c.loss.lcf_w = 7.0              # LCF: the fixed w the student is conditioned on
 

@@ -40,7 +40,7 @@ class TrainingError(RuntimeError):
 class TrainState:
     step: jax.Array
     params: Params                   # what the optimizer updates (student UNet, or LoRA factors)
-    target_params: Optional[Params]  # EMA target theta- (LCD/LCF); None for LoRA and diffusion
+    target_params: Optional[Params]  # EMA: LCD/LCF's target theta-, or diffusion's weight EMA; else None
     opt_state: Any
     rng: jax.Array                   # base key; step keys are fold_in(rng, step)
 
@@ -260,6 +260,20 @@ def _encode_sdxl(config, models: Models, frozen, ids: jax.Array) -> dict:
             "uncond_added_cond": {"text_embeds": jnp.zeros_like(pooled), "time_ids": time_ids}}
 
 
+def ema_decay(config) -> float:
+    """Decay of the EMA kept in TrainState.target_params (0: none is kept).
+
+    LCD/LCF: the target network theta- of the consistency loss (config.loss.ema_decay).
+    Diffusion training: an EMA of the weights, the model a teacher ships with
+    (config.diffusion_ema_decay, as diffusers' --use_ema); the loss never reads it.
+    """
+    if config.method in ("lcd", "lcf"):
+        return float(config.loss.ema_decay)
+    if config.method == "diffusion":
+        return float(config.get("diffusion_ema_decay", 0.0))
+    return 0.0
+
+
 def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr_fn) -> Callable:
     """train_step(state, frozen, batch) -> (state, metrics); pure, one XLA program.
 
@@ -269,7 +283,8 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
     loss_fn = make_loss(config, models)
     encode = make_encode(config, models)
     accum = config.optim.grad_accum_steps
-    has_target = config.method in ("lcd", "lcf")
+    has_target = config.method in ("lcd", "lcf")  # the loss reads the target network
+    decay = ema_decay(config)
 
     def grads_of(params, target, frozen, batch, rng):
         def f(p):
@@ -298,8 +313,8 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         target = state.target_params
-        if has_target:
-            target = consistency.ema_update(target, params, config.loss.ema_decay)
+        if decay > 0:
+            target = consistency.ema_update(target, params, decay)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
         new = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state)
@@ -419,7 +434,7 @@ def make_init_state(config, tx: optax.GradientTransformation) -> Callable[[Param
     """init_state(params) -> TrainState at step 0 (the EMA target starts equal to the student)."""
     def init_state(params):
         params = jax.tree.map(lambda x: jnp.asarray(x, _dtype(config.model.param_dtype)), params)
-        target = params if config.method in ("lcd", "lcf") else None
+        target = params if ema_decay(config) > 0 else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
                           opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
     return init_state

@@ -151,3 +151,34 @@ def test_two_processes_match_one_process_two_devices(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=1e-4)
+
+
+def test_diffusion_training_keeps_an_exact_weight_ema():
+    """method='diffusion' with diffusion_ema_decay: target_params is the EMA of the weights after
+    every step (what a teacher ships), and the weights themselves train exactly as without it."""
+    import jax
+    from configs.tiny_lcd import get_config
+    from lcm_jax import sharding, train
+
+    def run(decay, steps=3):
+        config = get_config("diffusion")
+        config.diffusion_ema_decay = decay
+        s = train.setup(config, sharding.make_mesh(1, 1))
+        state, history = s["state"], [jax.device_get(s["state"].params)]
+        for i in range(steps):
+            state, _ = s["step_fn"](state, s["frozen"], s["source"].batch(i))
+            history.append(jax.device_get(state.params))
+        return jax.device_get(state), history
+
+    state, history = run(0.75)
+    expect = history[0]
+    for p in history[1:]:
+        expect = jax.tree.map(lambda e, x: 0.75 * e + 0.25 * x, expect, p)
+    for a, b in zip(jax.tree.leaves(state.target_params), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    plain, plain_history = run(0.0)
+    assert plain.target_params is None
+    for a, b in zip(jax.tree.leaves(history[-1]), jax.tree.leaves(plain_history[-1])):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(state.target_params),
+                                                        jax.tree.leaves(history[-1])))

@@ -36,7 +36,8 @@ def run_step(args: list[str]) -> float:
 
 
 def final_unet_params(teacher_workdir: str):
-    """The UNet params of the latest orbax checkpoint in `teacher_workdir`/checkpoints."""
+    """The UNet params of the latest orbax checkpoint in `teacher_workdir`/checkpoints: the EMA
+    of the weights when the run kept one (config diffusion_ema_decay), else the weights."""
     import orbax.checkpoint as ocp
 
     ckdir = os.path.abspath(os.path.join(teacher_workdir, "checkpoints"))
@@ -45,7 +46,8 @@ def final_unet_params(teacher_workdir: str):
         raise FileNotFoundError(f"no checkpoint in {ckdir}: train the teacher first (run this tool "
                                 "without --skip_training)")
     restored = ocp.StandardCheckpointer().restore(os.path.join(ckdir, str(steps[-1]), "default"))
-    return restored["params"], steps[-1]
+    ema = restored.get("target_params")
+    return (ema if ema else restored["params"]), steps[-1]
 
 
 def assemble(components: str, teacher_workdir: str, out_dir: str) -> int:
