@@ -11,9 +11,9 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 800
+    c.total_steps = 4000
     c.batch_size = 8
-    c.log_every = 25
+    c.log_every = 50
 
     c.vae = ml_collections.ConfigDict({
         "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
@@ -25,13 +25,15 @@ def get_config(arg=None):
         "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "seed": 0,
     })
-    c.loss = ml_collections.ConfigDict({"reconstruction": "l2", "beta": 1e-6})
+    # Shapes cover a few percent of the pixels: weight them up, or the latent goes to the background.
+    c.loss = ml_collections.ConfigDict({"reconstruction": "l1", "beta": 1e-6, "foreground_weight": 10.0})
+    c.init_from = ""    # a components (or vae/) folder to continue training from
     c.optim = ml_collections.ConfigDict({
         "learning_rate": 2e-3, "warmup_steps": 50, "b1": 0.9, "b2": 0.99,
         "weight_decay": 0.0, "grad_clip": 1.0,
     })
     c.data = ml_collections.ConfigDict({
-        "world_seed": 0, "num_images": 4096,  # training pool, rendered once
+        "world_seed": 0, "num_images": 16384,  # training pool, rendered once
         "num_scale_images": 2048,             # for the latent scaling factor
         "num_eval_images": 500,              # held-out reconstructions for the classifier check
     })

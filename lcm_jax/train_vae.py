@@ -79,7 +79,8 @@ def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> tuple[opt
 
 def make_train_step(vae: AutoencoderKL, config: ml_collections.ConfigDict, tx, lr_fn):
     """train_step(params, opt_state, images, step, rng) -> (params, opt_state, metrics); pure."""
-    loss_fn = make_autoencoder_loss(vae, config.loss.reconstruction, config.loss.beta)
+    loss_fn = make_autoencoder_loss(vae, config.loss.reconstruction, config.loss.beta,
+                                    config.loss.get("foreground_weight", 1.0))
 
     def train_step(params, opt_state, images, step, rng):
         rng = jax.random.fold_in(rng, step)
@@ -91,6 +92,22 @@ def make_train_step(vae: AutoencoderKL, config: ml_collections.ConfigDict, tx, l
         return params, opt_state, metrics
 
     return train_step
+
+
+def initial_params(folder: str, like):
+    """The VAE weights of `folder` (a diffusers vae/ folder, or a components/pipeline folder that
+    holds one) to continue training from; they must fit the configured architecture."""
+    from lcm_jax.convert.vae import load_vae
+
+    path = os.path.join(folder, "vae") if os.path.isdir(os.path.join(folder, "vae")) else folder
+    _, params = load_vae(path)
+    want = jax.tree.map(lambda x: x.shape, like)
+    have = jax.tree.map(lambda x: x.shape, params)
+    if want != have:
+        raise ValueError(f"init_from={folder!r}: its VAE does not match config.vae (different "
+                         "block_out_channels or latent_channels); train from scratch instead")
+    print(f"continuing from the VAE in {path}", flush=True)
+    return params
 
 
 def _progress_line(step: int, total: int, row: dict) -> str:
@@ -107,6 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[AutoencoderK
     pool = make_image_pool(config.data.world_seed, config.data.num_images)
     rng = jax.random.PRNGKey(config.seed)
     params = jax.jit(vae.init)(rng, jnp.zeros((1, 64, 64, 3)))["params"]
+    if config.get("init_from"):
+        params = initial_params(config.init_from, params)
     tx, lr_fn = make_optimizer(config.optim, config.total_steps)
     opt_state = tx.init(params)
     step_fn = jax.jit(make_train_step(vae, config, tx, lr_fn), donate_argnums=(0, 1))

@@ -115,6 +115,33 @@ def test_autoencoder_loss_is_reconstruction_plus_beta_kl():
         make_autoencoder_loss(vae, "huber")
 
 
+def test_foreground_weighted_reconstruction():
+    """Pixels off the border's median colour weigh `foreground_weight`; the error is their
+    weighted mean, equal to a numpy computation; weight 1 is the plain loss."""
+    from lcm_jax.losses.autoencoder import foreground_weights
+    from lcm_jax.models.vae import AutoencoderKL
+
+    x = np.full((2, 8, 8, 3), -0.5, np.float32)
+    x[0, 2:4, 3:6] = (0.9, -0.2, 0.1)       # a 2x3 "shape" on image 0
+    x[1, 0, 0] = (1.0, 1.0, 1.0)            # one odd border pixel: not the background
+    w = np.asarray(foreground_weights(jnp.asarray(x), 5.0))[..., 0]
+    expect = np.ones((2, 8, 8))
+    expect[0, 2:4, 3:6] = 5.0
+    expect[1, 0, 0] = 5.0
+    np.testing.assert_array_equal(w, expect)
+
+    vae = AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4)
+    params = vae.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+    rng = jax.random.PRNGKey(3)
+    _, terms = make_autoencoder_loss(vae, "l1", beta=0.0, foreground_weight=5.0)(params, x, rng)
+    post = vae.apply({"params": params}, x, method="encode")
+    err = np.abs(np.asarray(vae.apply({"params": params}, post.sample(rng), method="decode")) - x)
+    rec = (expect[..., None] * err).sum(axis=(1, 2, 3)) / (expect.sum(axis=(1, 2)) * 3)
+    np.testing.assert_allclose(terms.reconstruction, rec, rtol=1e-5)
+    _, plain = make_autoencoder_loss(vae, "l1", beta=0.0, foreground_weight=1.0)(params, x, rng)
+    np.testing.assert_allclose(plain.reconstruction, err.mean(axis=(1, 2, 3)), rtol=1e-5)
+
+
 def test_build_tool_names_missing_checkpoint(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "build_shapes_teacher", os.path.join(ROOT, "tools", "build_shapes_teacher.py"))

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+
 SMALL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                   block_out_channels=[64, 128, 128], attention_head_dim=8, cross_attention_dim=128,
                   norm_num_groups=32,

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
