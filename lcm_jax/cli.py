@@ -42,6 +42,7 @@ class CompileMeter:
     _listening = False
     seconds = 0.0
     cache_hits = 0
+    durations: dict = {}  # every jax.monitoring duration event since start(), summed by name
 
     @classmethod
     def start(cls) -> None:
@@ -51,10 +52,11 @@ class CompileMeter:
             jax.monitoring.register_event_duration_secs_listener(cls._on_duration)
             jax.monitoring.register_event_listener(cls._on_event)
             CompileMeter._listening = True
-        CompileMeter.seconds, CompileMeter.cache_hits = 0.0, 0
+        CompileMeter.seconds, CompileMeter.cache_hits, CompileMeter.durations = 0.0, 0, {}
 
     @staticmethod
     def _on_duration(event: str, seconds: float, **_) -> None:
+        CompileMeter.durations[event] = CompileMeter.durations.get(event, 0.0) + seconds
         if event == "/jax/core/compile/backend_compile_duration":
             CompileMeter.seconds += seconds
 
