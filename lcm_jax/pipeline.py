@@ -9,8 +9,9 @@ runs without classifier-free guidance, as diffusers' LatentConsistencyModelPipel
 StableDiffusionPipeline. An SDXL folder (text_encoder_2/, tokenizer_2/) is conditioned as
 StableDiffusionXLPipeline: both encoders' penultimate states, the pooled text embeds and the
 (height, width, 0, 0, height, width) micro-conditioning. The whole sample (all UNet steps and the
-VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size) and kept in a
-persistent compilation cache.
+VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size); the compiled
+program is stored on disk (`lcm_jax.executables`), so a new process loads it without tracing or
+compiling, and XLA's persistent compilation cache is on as well.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from lcm_jax import sampling, schedules
 from lcm_jax.convert.common import WeightsError
+from lcm_jax.executables import ExecutableCache
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lcm_jax", "xla")
 SAMPLERS = ("lcm", "tcd", "ddim", "dpm")
@@ -139,6 +141,8 @@ class LCMPipeline:
         self.unet_params = components.unet_params
         self.cache_dir = enable_compilation_cache(cache_dir)
         self._compiled: dict = {}
+        # Whole compiled samplers on disk: a new process skips trace, lowering and compile.
+        self._executables = ExecutableCache(os.path.join(self.cache_dir, "executables"))
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,
@@ -176,7 +180,8 @@ class LCMPipeline:
         ids = [self._token_ids(tok, prompts) for tok in (self.c.tokenizer, self.c.tokenizer_2)
                if tok is not None]
         params = (self.c.text_params, self.c.text_params_2)
-        return self._text_fn(params, *ids)
+        fingerprint = repr(("text", self.c.text_encoder, self.c.text_encoder_2))
+        return self._executables(self._text_fn, fingerprint, params, *ids)
 
     @staticmethod
     def _token_ids(tokenizer, prompts: Sequence[str]) -> jax.Array:
@@ -323,9 +328,15 @@ class LCMPipeline:
         (params, vae_params, lora_arg), cond, latents = self._place(
             (params, self.c.vae_params, lora_arg), (text, uncond, added, uncond_added),
             jnp.asarray(latents, jnp.float32))
-        images = self._compiled[key](params, vae_params, lora_arg, cond, latents,
-                                     jnp.float32(guidance_scale), rng_steps,
-                                     None if noises is None else jnp.asarray(noises, jnp.float32))
+        args = (params, vae_params, lora_arg, cond, latents, jnp.float32(guidance_scale), rng_steps,
+                None if noises is None else jnp.asarray(noises, jnp.float32))
+        if compile == "whole":
+            from lcm_jax.models import layers
+            fingerprint = repr(("sample", self.c.unet, self.c.vae, self.c.schedule, key,
+                                layers.attention_implementation()))
+            images = self._executables(self._compiled[key], fingerprint, *args)
+        else:
+            images = self._compiled[key](*args)
         return np.asarray(jax.device_get(images), np.float32)
 
     def _place(self, weights, cond, latents):

@@ -99,14 +99,16 @@ diffusers pipeline folder (LatentConsistencyModelPipeline layout; loads with dif
 `StableDiffusionPipeline`/`LatentConsistencyModelPipeline` and with `lcm_jax.LCMPipeline`),
 64x64 images from 8x8x4 latents.
 
-- vae/: AutoencoderKL {vae_channels}, factor 8, trained {vae_steps} steps ({rec} + {beta} KL),
+- vae/: AutoencoderKL {vae_channels}, factor 8, trained {vae_steps} steps ({rec} + {beta} KL,
+  foreground weight {fw}),
   scaling_factor {scale:.4f} (1 / std of its latents). Held-out reconstructions: mean abs error
   {mae:.2f}/255; classifier prompt accuracy {acc_rec:.3f} (originals {acc_orig:.3f}).
 - text_encoder/: CLIPTextModel (hidden {hidden}, {layers} layers), random init (seed 0), frozen.
 - tokenizer/: lcm_jax/assets/shapes/tokenizer. scheduler/: SD's scaled_linear schedule.
 - unet/: UNet2DConditionModel {unet_channels}, trained from scratch with `method='diffusion'`
-  (epsilon, caption dropout 0.1 for CFG) for {teacher_steps} steps at batch {batch}
-  (configs/shapes_teacher.py), on a shared 2-core CPU.
+  (epsilon, caption dropout 0.1 for CFG) for {teacher_steps} steps at batch {batch} on a latent
+  cache (configs/shapes_teacher.py), on a 2-core CPU; the shipped weights are their EMA
+  (decay {ema}).
 
 Rebuild from scratch: `python tools/build_shapes_teacher.py` (VAE {vae_min:.0f} min, teacher
 {teacher_min:.0f} min on that CPU).
@@ -132,7 +134,9 @@ def write_readme(out_dir: str, vae_cfg: dict, vae_eval: dict, teacher_cfg: dict,
     text = README.format(
         vae_channels=vae_cfg["vae"]["block_out_channels"], vae_steps=vae_eval["steps"],
         beta=vae_cfg["loss"]["beta"], rec=vae_cfg["loss"]["reconstruction"].upper(),
-        batch=teacher_cfg["batch_size"], scale=vae_eval["scaling_factor"], mae=vae_eval["mae_0_255"],
+        fw=vae_cfg["loss"].get("foreground_weight", 1.0),
+        batch=teacher_cfg["batch_size"], ema=teacher_cfg.get("diffusion_ema_decay", 0.0),
+        scale=vae_eval["scaling_factor"], mae=vae_eval["mae_0_255"],
         acc_rec=vae_eval["prompt_accuracy_reconstructed"],
         acc_orig=vae_eval["prompt_accuracy_original"],
         hidden=vae_cfg["text_encoder"]["hidden_size"],

@@ -35,6 +35,11 @@ def set_attention_implementation(name: str) -> None:
     _ATTENTION_IMPL["name"] = name
 
 
+def attention_implementation() -> str:
+    """The implementation set by `set_attention_implementation` ('auto' unless changed)."""
+    return _ATTENTION_IMPL["name"]
+
+
 def _xla_attention(q, k, v, mask, scale):
     # (B, N, H, D) -> (B, H, N, D): batched matmuls with contiguous heads are ~2x faster on CPU.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
