@@ -136,8 +136,36 @@ def _auto_implementation(q: jax.Array, k: jax.Array) -> str:
 
 def group_norm(num_groups: int, eps: float, dtype: Dtype = jnp.float32, name: Optional[str] = None):
     """GroupNorm matching torch.nn.GroupNorm (two-pass variance, statistics in float32)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, use_fast_variance=False,
-                        name=name)
+    return GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over (B, ..., C) with flax.linen.GroupNorm's parameters (`scale`, `bias`).
+
+    Statistics in float32 with the two-pass variance, as torch. Each pass first sums every
+    channel over the pixels (a reduction along the outer axis, which vectorises over the
+    contiguous channels) and only then over the channels of a group: on CPU this is ~2x faster
+    than reducing (pixels, channels-of-group) blocks directly at 512x512x128.
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        xf = x.reshape(b, -1, c).astype(jnp.float32)
+        count = xf.shape[1] * (c // g)
+        per_channel = lambda t: jnp.repeat(t, c // g, axis=-1)[:, None, :]   # (B, G) -> (B, 1, C)
+        group_sum = lambda t: t.sum(axis=1).reshape(b, g, c // g).sum(axis=-1)  # (B, N, C) -> (B, G)
+        mean = per_channel(group_sum(xf) / count)
+        var = group_sum(jnp.square(xf - mean)) / count
+        y = (xf - mean) * per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale + bias
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
