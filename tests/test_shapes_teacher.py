@@ -14,12 +14,13 @@ from lcm_jax.losses.autoencoder import make_autoencoder_loss, reconstruction_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "lcm_jax", "assets", "shapes", "teacher")
-# 50-step DDIM, CFG GUIDANCE, 8 held-out prompts. The shipped teacher is undertrained (README.md):
-# it measured prompt accuracy 0.0 and background accuracy 0.375 (chance 0.25) on these 8; 64-prompt
-# numbers are in README.md. Raise both thresholds when the teacher is rebuilt with more steps.
+# 50-step DDIM, CFG GUIDANCE, 8 held-out prompts. The shipped teacher (README.md) places and
+# colours the background well but its VAE blurs small shapes, so full-caption accuracy is low; on
+# these 8 it measured background 0.75 (chance 0.25) and position 0.625 (chance 1/9). 128-prompt
+# numbers are in README.md. Raise the thresholds when the teacher is rebuilt with a sharper VAE.
 GUIDANCE = 5.0
-MEASURED = {"prompt_accuracy": 0.0, "acc/background": 0.375}
-MIN_ACCURACY = {"prompt_accuracy": 0.0, "acc/background": 0.25}
+MEASURED = {"prompt_accuracy": 0.0, "acc/background": 0.75, "acc/position": 0.625}
+MIN_ACCURACY = {"prompt_accuracy": 0.0, "acc/background": 0.5, "acc/position": 0.4}
 
 
 def _rel_err(jax_out, torch_out) -> float:
