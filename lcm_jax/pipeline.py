@@ -9,9 +9,9 @@ runs without classifier-free guidance, as diffusers' LatentConsistencyModelPipel
 StableDiffusionPipeline. An SDXL folder (text_encoder_2/, tokenizer_2/) is conditioned as
 StableDiffusionXLPipeline: both encoders' penultimate states, the pooled text embeds and the
 (height, width, 0, 0, height, width) micro-conditioning. The whole sample (all UNet steps and the
-VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size); the compiled
-program is stored on disk (`lcm_jax.executables`), so a new process loads it without tracing or
-compiling, and XLA's persistent compilation cache is on as well.
+VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size) and kept in XLA's
+persistent compilation cache; with LCM_JAX_STORE_EXECUTABLES=1 the compiled program itself is
+stored (`lcm_jax.executables`), so a new process loads it without tracing or compiling.
 """
 from __future__ import annotations
 
@@ -141,8 +141,13 @@ class LCMPipeline:
         self.unet_params = components.unet_params
         self.cache_dir = enable_compilation_cache(cache_dir)
         self._compiled: dict = {}
-        # Whole compiled samplers on disk: a new process skips trace, lowering and compile.
-        self._executables = ExecutableCache(os.path.join(self.cache_dir, "executables"))
+        # Opt-in (LCM_JAX_STORE_EXECUTABLES=1): compiled samplers on disk, so a new process skips
+        # trace, lowering and compile. Off by default: on XLA:CPU, loading a stored executable
+        # into a process that has already compiled a similar one can fail at run time
+        # ("Function ... not found"); a fresh process is fine.
+        store = os.environ.get("LCM_JAX_STORE_EXECUTABLES", "0") == "1"
+        self._executables = ExecutableCache(
+            os.path.join(self.cache_dir, "executables") if store else None)
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,

@@ -97,7 +97,7 @@ def test_new_process_samples_from_the_stored_pipeline_program(tmp_path):
         "e = pipe._executables\n"
         "print(json.dumps({'unet_traces': len(calls), 'loaded': e.loaded, 'compiled': e.compiled}))\n"
     ) % (os.path.join(ROOT, "tests"), folder, cache)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "LCM_JAX_STORE_EXECUTABLES": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = []
     for i in range(2):
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"img{i}.npy")], cwd=ROOT,

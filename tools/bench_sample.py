@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+os.environ["LCM_JAX_STORE_EXECUTABLES"] = "1"  # the warm start loads the stored sampler
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
