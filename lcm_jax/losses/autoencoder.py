@@ -34,13 +34,17 @@ class AutoencoderTerms:
     loss: jax.Array            # reconstruction + beta * kl
 
 
-def reconstruction_error(x: jax.Array, x_hat: jax.Array, kind: str) -> jax.Array:
-    """Per-example mean L1 or L2 error over (H, W, C): (B, H, W, C) x2 -> (B,)."""
+def reconstruction_error(x: jax.Array, x_hat: jax.Array, kind: str,
+                         weights: jax.Array | None = None) -> jax.Array:
+    """Per-example (weighted) mean L1 or L2 error over (H, W, C): (B, H, W, C) x2 -> (B,);
+    `weights` (B, H, W, 1) weigh pixels."""
     if kind not in RECONSTRUCTION:
         raise ValueError(f"reconstruction loss {kind!r} unknown; choose one of {RECONSTRUCTION}")
     diff = x_hat.astype(jnp.float32) - x.astype(jnp.float32)
     err = jnp.abs(diff) if kind == "l1" else jnp.square(diff)
-    return jnp.mean(err, axis=(1, 2, 3))
+    if weights is None:
+        return jnp.mean(err, axis=(1, 2, 3))
+    return jnp.sum(weights * err, axis=(1, 2, 3)) / (jnp.sum(weights, axis=(1, 2, 3)) * err.shape[-1])
 
 
 def foreground_weights(x: jax.Array, weight: float, threshold: float = 0.05) -> jax.Array:
@@ -66,13 +70,8 @@ def make_autoencoder_loss(vae, reconstruction: str = "l1", beta: float = 1e-6,
         z = posterior.sample(rng)                                   # (B, h, w, c)
         # 2. RECONSTRUCTION LOSS
         x_hat = vae.apply({"params": params}, z, method="decode")   # (B, H, W, 3)
-        if foreground_weight == 1.0:
-            rec = reconstruction_error(images, x_hat, reconstruction)   # (B,)
-        else:
-            w = foreground_weights(images, foreground_weight)         # (B, H, W, 1)
-            diff = x_hat.astype(jnp.float32) - images.astype(jnp.float32)
-            err = jnp.abs(diff) if reconstruction == "l1" else jnp.square(diff)
-            rec = jnp.sum(w * err, axis=(1, 2, 3)) / (jnp.sum(w, axis=(1, 2, 3)) * err.shape[-1])
+        w = None if foreground_weight == 1.0 else foreground_weights(images, foreground_weight)
+        rec = reconstruction_error(images, x_hat, reconstruction, w)  # (B,)
         # 3. PRIOR (KL) LOSS
         kl = posterior.kl()                                         # (B,)
         terms = AutoencoderTerms(reconstruction=rec, kl=kl, loss=rec + beta * kl)
