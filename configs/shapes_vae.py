@@ -24,6 +24,8 @@ def get_config(arg=None):
     c.text_encoder = ml_collections.ConfigDict({
         "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "seed": 0,
+        # caption -> per-cell attributes probe (lcm_jax/train_text_encoder.py); 0 leaves it random
+        "pretrain_steps": 400, "pretrain_batch_size": 256, "pretrain_learning_rate": 3e-3,
     })
     # Shapes cover a few percent of the pixels: weight them up, or the latent goes to the background.
     c.loss = ml_collections.ConfigDict({"reconstruction": "l1", "beta": 1e-6, "foreground_weight": 10.0})
@@ -40,4 +42,5 @@ def get_config(arg=None):
     if arg == "tiny":
         c.total_steps, c.batch_size, c.log_every = 4, 4, 2
         c.data.num_images, c.data.num_scale_images, c.data.num_eval_images = 16, 16, 16
+        c.text_encoder.pretrain_steps, c.text_encoder.pretrain_batch_size = 4, 8
     return c

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import pickle
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -72,6 +73,7 @@ class ExecutableCache:
         self._memory: dict[str, Callable] = {}
         self._warned = False
         self.loaded = self.compiled = 0  # executables read from disk / compiled, by this object
+        self.load_seconds = self.compile_seconds = 0.0   # time spent doing each
 
     def __call__(self, fn, fingerprint: str, *args):
         key = hashlib.sha256(repr((fingerprint, signature(args), _environment())).encode()).hexdigest()
@@ -90,6 +92,7 @@ class ExecutableCache:
         path = self.path(key)
         if path is None or not os.path.exists(path):
             return None
+        t0 = time.perf_counter()
         try:
             with open(path, "rb") as f:
                 payload, in_tree, out_tree = pickle.load(f)
@@ -99,13 +102,16 @@ class ExecutableCache:
                           "compiling it again")
             return None
         self.loaded += 1
+        self.load_seconds += time.perf_counter() - t0
         return exe
 
     def _compile_and_store(self, key: str, fn, args: tuple) -> Callable:
         from jax.experimental import serialize_executable
 
+        t0 = time.perf_counter()
         compiled = fn.lower(*args).compile()
         self.compiled += 1
+        self.compile_seconds += time.perf_counter() - t0
         path = self.path(key)
         if path is not None:
             tmp = f"{path}.tmp-{os.getpid()}"

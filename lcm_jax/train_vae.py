@@ -4,7 +4,8 @@
 
 The folder `workdir/components/` is a diffusers pipeline folder without unet/: vae/ (this run,
 with scaling_factor = 1 / std of its latents, as Stable Diffusion chose 0.18215), text_encoder/
-(a small CLIPTextModel, randomly initialised with a fixed seed and frozen), tokenizer/ (the
+(a small CLIPTextModel, pretrained on the captions by
+`lcm_jax.train_text_encoder` and then frozen), tokenizer/ (the
 shapes tokenizer), scheduler/ (SD's LCMScheduler-compatible schedule) and model_index.json. A
 teacher UNet is trained on top of it with `lcm_jax.train` (model.components). The workdir also
 holds config.json, metrics.jsonl, vae_eval.json and reconstructions.png.
@@ -208,16 +209,23 @@ def text_encoder_config(tc: ml_collections.ConfigDict, tokenizer) -> dict:
 
 
 def write_text_encoder(tc: ml_collections.ConfigDict, out_dir: str) -> None:
-    """A randomly initialised (seed tc.seed), frozen CLIPTextModel in transformers' format."""
+    """A CLIPTextModel in transformers' format: initialised with seed tc.seed, then pretrained
+    on captions for tc.pretrain_steps steps (`lcm_jax.train_text_encoder`; 0: left random)."""
     from lcm_jax.convert.clip import load_tokenizer
     from lcm_jax.convert.common import flax_to_torch, write_safetensors
     from lcm_jax.models.clip import CLIPTextModel
+    from lcm_jax.train_text_encoder import pretrain
 
-    cfg = text_encoder_config(tc, load_tokenizer(TOKENIZER_DIR))
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    cfg = text_encoder_config(tc, tokenizer)
     module = CLIPTextModel.from_config(cfg)
     ids = jnp.zeros((1, cfg["max_position_embeddings"]), jnp.int32)
     params = module.init(jax.random.PRNGKey(tc.seed), ids)["params"]
     os.makedirs(out_dir, exist_ok=True)
+    if tc.get("pretrain_steps", 0):
+        params, report = pretrain(tc, module, params, tokenizer)
+        with open(os.path.join(out_dir, "pretrain.json"), "w") as f:
+            json.dump(report, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), flax_to_torch(params),

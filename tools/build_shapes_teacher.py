@@ -103,7 +103,7 @@ diffusers pipeline folder (LatentConsistencyModelPipeline layout; loads with dif
   foreground weight {fw}),
   scaling_factor {scale:.4f} (1 / std of its latents). Held-out reconstructions: mean abs error
   {mae:.2f}/255; classifier prompt accuracy {acc_rec:.3f} (originals {acc_orig:.3f}).
-- text_encoder/: CLIPTextModel (hidden {hidden}, {layers} layers), random init (seed 0), frozen.
+- text_encoder/: CLIPTextModel (hidden {hidden}, {layers} layers), {text_note}, frozen.
 - tokenizer/: lcm_jax/assets/shapes/tokenizer. scheduler/: SD's scaled_linear schedule.
 - unet/: UNet2DConditionModel {unet_channels}, trained from scratch with `method='diffusion'`
   (epsilon, caption dropout 0.1 for CFG) for {teacher_steps} steps at batch {batch} on a latent
@@ -125,6 +125,18 @@ grid.png: samples at the best guidance.
 {note}"""
 
 
+def text_encoder_note(out_dir: str) -> str:
+    """How text_encoder/ was made, from its pretrain.json (lcm_jax/train_text_encoder.py)."""
+    path = os.path.join(out_dir, "text_encoder", "pretrain.json")
+    if not os.path.exists(path):
+        return "random init (seed 0)"
+    with open(path) as f:
+        r = json.load(f)
+    return (f"pretrained on captions for {r['pretrain_steps']} steps with the cell-attribute probe "
+            f"of `lcm_jax/train_text_encoder.py` (held-out caption accuracy "
+            f"{r['heldout_caption_accuracy']:.3f})")
+
+
 def write_readme(out_dir: str, vae_cfg: dict, vae_eval: dict, teacher_cfg: dict, rows: list[dict],
                  times: dict, note: str = "") -> None:
     table = "\n".join(
@@ -140,7 +152,7 @@ def write_readme(out_dir: str, vae_cfg: dict, vae_eval: dict, teacher_cfg: dict,
         acc_rec=vae_eval["prompt_accuracy_reconstructed"],
         acc_orig=vae_eval["prompt_accuracy_original"],
         hidden=vae_cfg["text_encoder"]["hidden_size"],
-        layers=vae_cfg["text_encoder"]["num_hidden_layers"],
+        layers=vae_cfg["text_encoder"]["num_hidden_layers"], text_note=text_encoder_note(out_dir),
         unet_channels=teacher_cfg["model"]["unet"]["block_out_channels"],
         teacher_steps=teacher_cfg["total_steps"], vae_min=times.get("vae", vae_eval["train_seconds"]) / 60,
         teacher_min=times.get("teacher", float("nan")) / 60, num_prompts=rows[0]["num_prompts"],
