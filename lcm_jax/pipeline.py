@@ -137,7 +137,12 @@ class LCMPipeline:
     """Text-to-image with a latent consistency model (or its teacher, for baselines)."""
 
     def __init__(self, components: Components, cache_dir: Optional[str] = None):
-        self.c = components
+        # Weights become device arrays once, here (which reads the memory-mapped files): a call
+        # then passes device buffers instead of converting host arrays every time.
+        weights = ("unet_params", "vae_params", "text_params", "text_params_2")
+        self.c = components = dataclasses.replace(components, **{
+            k: jax.device_put(getattr(components, k)) for k in weights
+            if getattr(components, k) is not None})
         self.unet_params = components.unet_params
         self.cache_dir = enable_compilation_cache(cache_dir)
         self._compiled: dict = {}
