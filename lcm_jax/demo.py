@@ -18,7 +18,7 @@ import numpy as np
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "shapes_lcd.py")
-TEACHER_GUIDANCE = 7.5
+TEACHER_GUIDANCE = 5.0
 
 
 def load_config(arg: str | None = None, teacher: str | None = None):

@@ -14,13 +14,16 @@ from lcm_jax.losses.autoencoder import make_autoencoder_loss, reconstruction_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "lcm_jax", "assets", "shapes", "teacher")
-# 50-step DDIM, CFG GUIDANCE, 8 held-out prompts. The shipped teacher (README.md) places and
-# colours the background well but its VAE blurs small shapes, so full-caption accuracy is low; on
-# these 8 it measured background 0.75 (chance 0.25) and position 0.625 (chance 1/9). 128-prompt
-# numbers are in README.md. Raise the thresholds when the teacher is rebuilt with a sharper VAE.
+# 50-step DDIM, CFG GUIDANCE, 32 held-out prompts. The shipped teacher (README.md, 256 prompts:
+# prompt accuracy 0.316, background 1.0, position 0.98, colour 0.60, shape 0.52) measured on
+# these 32: prompt accuracy 0.281, background 1.0, position 1.0, colour 0.531 (chance about
+# 0.14), shape 0.469. The thresholds leave room for the last digits of another CPU.
 GUIDANCE = 5.0
-MEASURED = {"prompt_accuracy": 0.0, "acc/background": 0.75, "acc/position": 0.625}
-MIN_ACCURACY = {"prompt_accuracy": 0.0, "acc/background": 0.5, "acc/position": 0.4}
+NUM_PROMPTS = 32
+MEASURED = {"prompt_accuracy": 0.281, "acc/background": 1.0, "acc/position": 1.0,
+            "acc/color": 0.531, "acc/shape": 0.469}
+MIN_ACCURACY = {"prompt_accuracy": 0.15, "acc/background": 0.9, "acc/position": 0.85,
+                "acc/color": 0.35, "acc/shape": 0.3}
 
 
 def _rel_err(jax_out, torch_out) -> float:
@@ -83,11 +86,11 @@ def test_teacher_ddim_follows_heldout_prompts():
     from lcm_jax.evaluate import ShapesEvaluator, heldout_prompts
     from lcm_jax.pipeline import LCMPipeline
 
-    prompts, _ = heldout_prompts(8)
+    prompts, _ = heldout_prompts(NUM_PROMPTS)
     pipe = LCMPipeline.from_pretrained(TEACHER)
     images = pipe(prompts, num_inference_steps=50, guidance_scale=GUIDANCE, height=64, width=64,
                   seed=0, sampler="ddim")
-    assert images.shape == (8, 64, 64, 3)
+    assert images.shape == (NUM_PROMPTS, 64, 64, 3)
     acc = ShapesEvaluator().prompt_accuracy(images, prompts)
     for key, low in MIN_ACCURACY.items():
         assert acc[key] >= low, f"teacher {key} {acc[key]} < {low} (measured {MEASURED[key]}): {acc}"
