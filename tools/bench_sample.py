@@ -203,7 +203,7 @@ def print_table(args, torch_times, jax_r, child, max_diff) -> None:
     print(f"\n{args.steps}-step LCM sampling, SD 1.5 size, {args.size}x{args.size}, batch 1, fp32, "
           f"random weights; torch on {tdev}, jax on {jax.devices()[0].platform} "
           f"({jax.devices()[0].device_kind})")
-    widths = (32, 20, 20, 16)
+    widths = (36, 20, 20, 16)
     header = ("", "diffusers (torch)", "lcm-jax", "diffusers/lcm-jax")
     for row in (header,) + tuple(rows):
         print("".join(str(c).ljust(w) for c, w in zip(row, widths)))
