@@ -117,11 +117,22 @@ def pretrain(tc: ml_collections.ConfigDict, encoder, params, tokenizer, log=prin
     return variables["encoder"], report
 
 
+def save_weights(params, out_dir: str, report: dict | None = None) -> None:
+    """Writes text-encoder `params` as transformers' model.safetensors into `out_dir`, and the
+    pretraining `report` as pretrain.json when given."""
+    from lcm_jax.convert.common import flax_to_torch, write_safetensors
+
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), flax_to_torch(params),
+                      metadata={"format": "pt"})
+    if report is not None:
+        with open(os.path.join(out_dir, "pretrain.json"), "w") as f:
+            json.dump(report, f, indent=2)
+
+
 def rewrite_text_encoder(config: ml_collections.ConfigDict, components: str) -> dict:
     """Pretrains the encoder in `components`/text_encoder (from its current weights) and replaces
     that folder atomically; returns the report (also written to text_encoder/pretrain.json)."""
     from lcm_jax.convert.clip import load_text_encoder, load_tokenizer
-    from lcm_jax.convert.common import flax_to_torch, write_safetensors
 
     folder = os.path.join(components, "text_encoder")
     encoder, params = load_text_encoder(folder)
@@ -131,10 +142,7 @@ def rewrite_text_encoder(config: ml_collections.ConfigDict, components: str) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     shutil.copy(os.path.join(folder, "config.json"), tmp)
-    write_safetensors(os.path.join(tmp, "model.safetensors"), flax_to_torch(params),
-                      metadata={"format": "pt"})
-    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    save_weights(params, tmp, report)
     old = f"{folder}.old-{os.getpid()}"
     os.replace(folder, old)
     os.replace(tmp, folder)

@@ -212,24 +212,21 @@ def write_text_encoder(tc: ml_collections.ConfigDict, out_dir: str) -> None:
     """A CLIPTextModel in transformers' format: initialised with seed tc.seed, then pretrained
     on captions for tc.pretrain_steps steps (`lcm_jax.train_text_encoder`; 0: left random)."""
     from lcm_jax.convert.clip import load_tokenizer
-    from lcm_jax.convert.common import flax_to_torch, write_safetensors
     from lcm_jax.models.clip import CLIPTextModel
-    from lcm_jax.train_text_encoder import pretrain
+    from lcm_jax.train_text_encoder import pretrain, save_weights
 
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     cfg = text_encoder_config(tc, tokenizer)
     module = CLIPTextModel.from_config(cfg)
     ids = jnp.zeros((1, cfg["max_position_embeddings"]), jnp.int32)
     params = module.init(jax.random.PRNGKey(tc.seed), ids)["params"]
-    os.makedirs(out_dir, exist_ok=True)
+    report = None
     if tc.get("pretrain_steps", 0):
         params, report = pretrain(tc, module, params, tokenizer)
-        with open(os.path.join(out_dir, "pretrain.json"), "w") as f:
-            json.dump(report, f, indent=2)
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), flax_to_torch(params),
-                      metadata={"format": "pt"})
+    save_weights(params, out_dir, report)
 
 
 def model_index(unet: bool = False) -> dict:
