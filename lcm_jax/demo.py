@@ -55,6 +55,10 @@ def quality_runs(teacher, lcm, lora, lcm_guidance: float, steps=(1, 2, 4, 8)) ->
     runs = [("teacher", teacher, "ddim", 50, TEACHER_GUIDANCE)]
     runs += [("teacher", teacher, s, n, TEACHER_GUIDANCE) for s in ("ddim", "dpm") for n in steps]
     runs += [("LCM", lcm, "lcm", n, lcm_guidance) for n in steps]
+    # Ablation: the undistilled teacher under the LCM sampler (x0-prediction, then fresh noise),
+    # without CFG, i.e. the student before its first LCD step. What distillation adds is the gap
+    # between this row and the LCM row.
+    runs += [("teacher", teacher, "lcm", n, 1.0) for n in steps]
     if lora is not None:
         runs.append(("LCM-LoRA", lora, "lcm", 4, 1.0))
     return runs
@@ -71,7 +75,8 @@ def write_grid(path: str, teacher, lcm, lcm_guidance: float, prompts) -> None:
 
 def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
         teacher: str | None = None) -> list:
-    from lcm_jax.evaluate import ShapesEvaluator, heldout_prompts, plot_table, steps_quality_table, table_markdown
+    from lcm_jax.evaluate import (ShapesEvaluator, heldout_prompts, one_step_distances, plot_table,
+                                  steps_quality_table, table_markdown)
     from lcm_jax.pipeline import LCMPipeline
 
     t0 = time.time()
@@ -90,9 +95,20 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
     print(f"[4/4] quality table on {num_prompts} held-out prompts", flush=True)
     rows = steps_quality_table(quality_runs(teacher, lcm, lora, lcm_guidance), ShapesEvaluator(),
                                prompts, batch=min(100, num_prompts))
+    # The map LCD distills: the student's one step against the teacher's ODE endpoint (50 DDIM
+    # steps at the same guidance, same noise); before distillation the student is the teacher's
+    # own one-step x0 without CFG (its w-embedding starts at zero).
+    n = min(100, num_prompts)
+    before, after = one_step_distances([(teacher, 1.0), (lcm, lcm_guidance)], teacher, prompts[:n],
+                                       lcm_guidance, batch=n)
+    distance = (f"One-step image vs the teacher's 50-step DDIM image from the same noise (guidance "
+                f"{lcm_guidance:g}, RMS over pixels in [0, 1], {n} prompts): before distillation "
+                f"{before:.4f}, after {after:.4f}.\n")
+    print(distance, end="")
     with open(os.path.join(workdir, "quality.md"), "w") as f:
         f.write(f"# Steps vs quality on the shapes world ({num_prompts} held-out prompts)\n\n")
         f.write(table_markdown(rows))
+        f.write("\n" + distance)
     plot_table(rows, os.path.join(workdir, "quality.png"))
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min. Wrote:")
     for name in ("lcd", "lora", "grid.png", "quality.md", "quality.png"):

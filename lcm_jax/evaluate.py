@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -306,7 +306,8 @@ def steps_quality_table(runs: Sequence[tuple], evaluator: "ShapesEvaluator", pro
     """One row per (name, pipe, sampler, steps, guidance) in `runs`: FD and prompt accuracy."""
     rows = []
     for name, pipe, sampler, steps, guidance in runs:
-        generate(pipe, prompts[:batch], sampler, steps, guidance, seed, batch)  # warm up / compile
+        # Warm up: compiles the pipe's UNet and VAE (shared by every sampler and step count).
+        generate(pipe, prompts[:batch], sampler, 1, guidance, seed, batch)
         t0 = time.perf_counter()
         images = generate(pipe, prompts, sampler, steps, guidance, seed, batch)
         seconds = time.perf_counter() - t0
@@ -315,6 +316,29 @@ def steps_quality_table(runs: Sequence[tuple], evaluator: "ShapesEvaluator", pro
         log(f"  {name:9s} {sampler:5s} {steps:3d} steps  FD {m['fd']:8.2f}  "
             f"prompt acc {m['prompt_accuracy']:.3f}  ({seconds:.1f}s)")
     return rows
+
+
+def one_step_distances(pipes: Sequence[tuple[Any, float]], reference, prompts: Sequence[str],
+                       reference_guidance: float, seed: int = 0, batch: int = 100,
+                       size: int = 64) -> list[float]:
+    """For each (pipe, guidance): the RMS pixel distance (images in [0, 1]) between its one-step
+    LCM images and `reference`'s 50-step DDIM images from the same starting noise, i.e. how far
+    a consistency model is from the endpoint of the teacher's probability-flow ODE, the map LCD
+    distills."""
+    sq: list[list[np.ndarray]] = [[] for _ in pipes]
+    for i, s in enumerate(range(0, len(prompts), batch)):
+        chunk = list(prompts[s:s + batch])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch - n)
+        shape = (batch, size // 8, size // 8, reference.c.unet.config.in_channels)
+        z = np.asarray(jax.random.normal(jax.random.PRNGKey(seed + i), shape, jnp.float32))
+        ref = reference(chunk, num_inference_steps=50, guidance_scale=reference_guidance,
+                        height=size, width=size, latents=z, sampler="ddim", compile="model")[:n]
+        for j, (pipe, guidance) in enumerate(pipes):
+            out = pipe(chunk, num_inference_steps=1, guidance_scale=guidance, height=size,
+                       width=size, latents=z, sampler="lcm", compile="model")[:n]
+            sq[j].append(np.square(out - ref).reshape(n, -1).mean(axis=1))
+    return [float(np.sqrt(np.concatenate(parts).mean())) for parts in sq]
 
 
 def table_markdown(rows: Sequence[QualityRow]) -> str:

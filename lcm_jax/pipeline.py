@@ -219,10 +219,15 @@ class LCMPipeline:
         return self.encode_prompt([neg] * b if isinstance(neg, str) else list(neg))
 
     # ----------------------------------------------------------------------------- sampling
-    def timesteps(self, sampler: str, num_inference_steps: int, original_inference_steps: int = 50,
+    def timesteps(self, sampler: str, num_inference_steps: int,
+                  original_inference_steps: Optional[int] = None,
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+        """The sampler's timesteps. LCM picks from the skipping-step grid of
+        `original_inference_steps` (None: the scheduler config's, else 50, as diffusers)."""
         T = self.c.schedule.num_train_timesteps
         sc = self.c.scheduler_config
+        if original_inference_steps is None:
+            original_inference_steps = int(sc.get("original_inference_steps", 50))
         if sampler == "lcm":
             return schedules.lcm_timesteps(None if timesteps else num_inference_steps,
                                            original_inference_steps, T, timesteps=timesteps)
@@ -294,7 +299,7 @@ class LCMPipeline:
     def __call__(self, prompt: Union[str, Sequence[str]], num_inference_steps: int = 4,
                  guidance_scale: float = 8.5, height: int = 512, width: int = 512,
                  latents: Optional[np.ndarray] = None, seed: int = 0,
-                 original_inference_steps: int = 50, timesteps: Optional[Sequence[int]] = None,
+                 original_inference_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
                  negative_prompt: Optional[Union[str, Sequence[str]]] = None,
                  sampler: str = "lcm", gamma: float = 0.3, noises: Optional[np.ndarray] = None,
                  debug: bool = False, compile: str = "whole") -> np.ndarray:
@@ -379,8 +384,11 @@ def pipeline_from_training(config, models, state) -> "LCMPipeline":
                                 config.lora.alpha / config.lora.rank)
     else:
         params = state.target_params if state.target_params is not None else state.params
+    # The LCM sampler picks its steps from the grid the student was distilled on (N DDIM steps).
+    grid = {} if config.method == "diffusion" else {
+        "original_inference_steps": int(config.loss.num_ddim_timesteps)}
     comps = Components(models.unet, params, models.vae, models.frozen["vae"], models.text_encoder,
-                       models.frozen["text_encoder"], models.tokenizer, models.schedule, {},
+                       models.frozen["text_encoder"], models.tokenizer, models.schedule, grid,
                        models.text_encoder_2, models.frozen.get("text_encoder_2"), models.tokenizer_2,
                        force_zeros_for_empty_prompt=models.text_encoder_2 is not None)
     return LCMPipeline(comps)

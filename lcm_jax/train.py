@@ -463,9 +463,12 @@ def setup(config, mesh) -> dict:
     if config.data.cache_size and models.vae is not None:
         encode_fn = jax.jit(make_encode(config, models, with_uncond=False))
         key = jax.random.PRNGKey(config.seed + 2)
+        reuse = json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed,
+                            jax.process_index(), jax.process_count()],
+                           sort_keys=True, default=str)
         source = sources.LatentCache(
             source, lambda raw: jax.device_get(encode_fn(frozen, raw, key)), config.data.cache_size,
-            seed=config.seed, log=_main_process_print)
+            seed=config.seed, log=_main_process_print, reuse_key=reuse)
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
     frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))

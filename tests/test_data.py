@@ -86,3 +86,24 @@ def test_shapes_source_reads_the_world():
     image, caption = read(7)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert caption.startswith("a ") and "background" in caption
+
+
+def test_latent_cache_serves_encoded_batches_and_is_reused_under_the_same_key(folder):
+    calls = []
+
+    def encode(raw):
+        calls.append(len(raw["input_ids"]))
+        return {"latents": raw["pixel_values"][:, :4, :4] * 2.0, "ids": raw["input_ids"]}
+
+    src = _source(folder, batch=4)
+    cache = sources.LatentCache(src, encode, size=8, chunk=3, log=lambda _: None, reuse_key="k")
+    assert calls == [3, 3, 2]                       # the first 8 examples, in chunks
+    raw = src.examples(range(8))
+    np.testing.assert_array_equal(cache.arrays["latents"], raw["pixel_values"][:, :4, :4] * 2.0)
+    assert cache.batch(1)["latents"].shape == (4, 4, 4, 3)
+    again = sources.LatentCache(src, encode, size=8, log=lambda _: None, reuse_key="k")
+    assert calls == [3, 3, 2]                       # same key and size: nothing encoded
+    np.testing.assert_array_equal(again.batch(1)["ids"], cache.batch(1)["ids"])
+    sources.LatentCache(src, encode, size=8, log=lambda _: None, reuse_key="other")
+    sources.LatentCache(src, encode, size=6, log=lambda _: None, reuse_key="other")
+    assert calls == [3, 3, 2, 8, 6]                 # a new key or size encodes again

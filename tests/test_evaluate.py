@@ -123,3 +123,28 @@ def test_save_grid(tmp_path):
     assert Image.open(path).size == size and size[0] > 5 * 66 + 2 and size[1] == 2 * 66 + 2
     with pytest.raises(ValueError, match="3 labels for 2 rows"):
         evaluate.save_grid(images, path, nrow=5, labels=["a", "b", "c"])
+
+
+def test_one_step_distance_to_the_teachers_ode_endpoint():
+    import jax
+
+    from lcm_jax.pipeline import LCMPipeline
+
+    teacher = LCMPipeline.from_pretrained(os.path.join(os.path.dirname(evaluate.CLASSIFIER_DIR),
+                                                       "teacher"))
+    prompts, _ = evaluate.heldout_prompts(5)
+    # Two chunks of 4 (the second padded): each prompt keeps the noise row of its own chunk.
+    got = evaluate.one_step_distances([(teacher, 1.0), (teacher, 3.0)], teacher, prompts, 3.0,
+                                      seed=7, batch=4)
+    sq = {1.0: [], 3.0: []}
+    for i, s in enumerate((0, 4)):
+        z = np.asarray(jax.random.normal(jax.random.PRNGKey(7 + i), (4, 8, 8, 4)))
+        chunk = (prompts[s:s + 4] + [prompts[-1]] * 4)[:4]
+        ref = teacher(chunk, 50, 3.0, 64, 64, latents=z, sampler="ddim", compile="model")
+        for g in sq:
+            one = teacher(chunk, 1, g, 64, 64, latents=z, sampler="lcm", compile="model")
+            sq[g].append(np.square(one - ref).reshape(4, -1).mean(1)[:len(prompts) - s])
+    want = [float(np.sqrt(np.concatenate(sq[g]).mean())) for g in (1.0, 3.0)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The teacher's one-step x0 under CFG is extrapolated far past the ODE's endpoint.
+    assert 0.0 < got[0] < got[1]

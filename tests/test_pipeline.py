@@ -95,3 +95,21 @@ def test_lora_fused_equals_unfused(folder, tmp_path):
     a, b = fused(PROMPTS[:1], **args), unfused(PROMPTS[:1], **args)
     assert np.abs(a - plain).max() > 1e-3
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [50, 20, 10])
+def test_lcm_steps_come_from_the_scheduler_configs_grid(pipe, grid):
+    from diffusers import LCMScheduler
+
+    config = {**pipe.c.scheduler_config, "original_inference_steps": grid}
+    ref = LCMScheduler.from_config(config)
+    ref.set_timesteps(4)
+    old = pipe.c.scheduler_config
+    pipe.c.scheduler_config = config
+    try:
+        np.testing.assert_array_equal(pipe.timesteps("lcm", 4), ref.timesteps.numpy())
+        ref.set_timesteps(4, original_inference_steps=50)
+        np.testing.assert_array_equal(pipe.timesteps("lcm", 4, original_inference_steps=50),
+                                      ref.timesteps.numpy())
+    finally:
+        pipe.c.scheduler_config = old

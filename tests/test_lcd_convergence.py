@@ -1,0 +1,88 @@
+"""LCD converges to the consistency function of the teacher's ODE where that function is known.
+
+For Gaussian data x0 ~ N(mu, s^2) the ideal epsilon-predictor is linear in z_t, so the teacher is
+exact and every DDIM step is linear: the consistency function of the teacher's N-step DDIM chain
+(the grid the loss uses, skipping step k) is computed in closed form by running the chain. A
+student whose epsilon-prediction is a per-timestep affine map of z_t can represent it exactly.
+Started from the teacher (as LCD starts), training with make_consistency_loss and the EMA target
+must bring the student's one-step output at t = 999 to the chain's endpoint. This checks the loss
+end to end (grid, DDIM solver, boundary scalings, target network) in a case with a known answer.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lcm_jax import schedules
+from lcm_jax.losses.consistency import ConsistencyConfig, ddim_grid, ema_update, make_consistency_loss
+
+MU, S = 0.5, 0.3
+SHAPE = (2, 2, 1)
+
+
+def _setup():
+    schedule = schedules.NoiseSchedule()
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    var = abar * S ** 2 + 1.0 - abar
+    # Ideal eps-prediction for Gaussian data: E[eps | z_t] = sqrt(1-a) (z_t - sqrt(a) mu) / var.
+    scale0 = jnp.sqrt(1.0 - abar) / var
+    shift0 = -scale0 * jnp.sqrt(abar) * MU
+    return schedule, abar, scale0, shift0
+
+
+def _affine(params, z, t):
+    return params["scale"][t][:, None, None, None] * z + params["shift"][t][:, None, None, None]
+
+
+def test_lcd_brings_one_step_output_to_the_ddim_chain_endpoint():
+    schedule, abar, scale0, shift0 = _setup()
+    teacher_params = {"scale": scale0, "shift": shift0}
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_min=0.0, w_max=0.0, w_embed_dim=None,
+                            loss_type="l2")
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
+
+    # The chain's endpoint from z at t = 999: DDIM with the exact teacher down the grid to t = 0.
+    grid = ddim_grid(schedule.num_train_timesteps, cfg.num_ddim_timesteps)
+    k = schedule.num_train_timesteps // cfg.num_ddim_timesteps
+    z_T = jax.random.normal(jax.random.PRNGKey(1), (512,) + SHAPE)
+    z = z_T
+    for t in grid[::-1]:
+        tt = jnp.full((z.shape[0],), t)
+        x0, eps = schedules.predict_x0_eps(_affine(teacher_params, z, tt), z, abar[t], "epsilon")
+        z = schedules.ddim_step(z, eps, x0, abar[t], abar[max(t - k, 0)])
+    endpoint = z
+
+    def one_step(params):  # f_theta(z_T, 999) = c_skip z + c_out x0
+        t = jnp.full((z_T.shape[0],), grid[-1])
+        x0, _ = schedules.predict_x0_eps(_affine(params, z_T, t), z_T, abar[grid[-1]], "epsilon")
+        c_skip, c_out = schedules.scalings_for_boundary_conditions(t)
+        return c_skip[:, None, None, None] * z_T + c_out[:, None, None, None] * x0
+
+    tx = optax.adam(3e-3)
+    b = 256
+    text = jnp.zeros((b, 1, 1))
+    frozen = None
+
+    @jax.jit
+    def step(params, target, opt, key):
+        k_data, k_loss = jax.random.split(key)
+        x = MU + S * jax.random.normal(k_data, (b,) + SHAPE)
+        batch = {"latents": x, "prompt_embeds": text, "uncond_embeds": text}
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(p, target, frozen, batch, k_loss)[0])(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        return params, ema_update(target, params, 0.95), opt, loss
+
+    params = dict(teacher_params)
+    target, opt = params, tx.init(params)
+    err0 = float(jnp.sqrt(jnp.mean((one_step(params) - endpoint) ** 2)))
+    errs = []
+    for i in range(3000):
+        params, target, opt, _ = step(params, target, opt, jax.random.PRNGKey(100 + i))
+        if i % 500 == 499:
+            errs.append(float(jnp.sqrt(jnp.mean((one_step(target) - endpoint) ** 2))))
+    print("one-step RMS error to the chain endpoint:", err0, errs)
+    assert err0 > 0.2                    # the teacher's one-step x0 is the posterior mean
+    assert errs[-1] < 0.1 * err0, (err0, errs)
