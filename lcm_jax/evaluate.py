@@ -322,23 +322,13 @@ def one_step_distances(pipes: Sequence[tuple[Any, float]], reference, prompts: S
                        reference_guidance: float, seed: int = 0, batch: int = 100,
                        size: int = 64) -> list[float]:
     """For each (pipe, guidance): the RMS pixel distance (images in [0, 1]) between its one-step
-    LCM images and `reference`'s 50-step DDIM images from the same starting noise, i.e. how far
-    a consistency model is from the endpoint of the teacher's probability-flow ODE, the map LCD
-    distills."""
-    sq: list[list[np.ndarray]] = [[] for _ in pipes]
-    for i, s in enumerate(range(0, len(prompts), batch)):
-        chunk = list(prompts[s:s + batch])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch - n)
-        shape = (batch, size // 8, size // 8, reference.c.unet.config.in_channels)
-        z = np.asarray(jax.random.normal(jax.random.PRNGKey(seed + i), shape, jnp.float32))
-        ref = reference(chunk, num_inference_steps=50, guidance_scale=reference_guidance,
-                        height=size, width=size, latents=z, sampler="ddim", compile="model")[:n]
-        for j, (pipe, guidance) in enumerate(pipes):
-            out = pipe(chunk, num_inference_steps=1, guidance_scale=guidance, height=size,
-                       width=size, latents=z, sampler="lcm", compile="model")[:n]
-            sq[j].append(np.square(out - ref).reshape(n, -1).mean(axis=1))
-    return [float(np.sqrt(np.concatenate(parts).mean())) for parts in sq]
+    LCM images and `reference`'s 50-step DDIM images from the same starting noise (`generate`
+    seeds batch i with seed + i for every sampler), i.e. how far a consistency model is from the
+    endpoint of the teacher's probability-flow ODE, the map LCD distills."""
+    ref = generate(reference, prompts, "ddim", 50, reference_guidance, seed, batch, size)
+    return [float(np.sqrt(np.mean(np.square(
+        generate(pipe, prompts, "lcm", 1, guidance, seed, batch, size) - ref))))
+        for pipe, guidance in pipes]
 
 
 def table_markdown(rows: Sequence[QualityRow]) -> str:
