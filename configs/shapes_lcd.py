@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.batch_size = 32
     c.log_every = 50
     c.eval_every = 100
+    c.eval_endpoint_timesteps = (999, 759, 499, 259)  # the 4-step LCM timesteps
     c.checkpoint_every = 200
     c.sample_every = 200
     c.sample_prompts = ["a large red circle at the center on a blue background",

@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.eval_every = 0            # fixed-batch, fixed-noise loss every N steps (at log steps); 0: off
     c.sample_every = 0          # 0: no sample grids during training
+    c.eval_endpoint_timesteps = ()  # LCD/LCM-LoRA, at eval steps: one-step MSE to the teacher's
+                                    # ODE chain endpoint from these grid timesteps (e.g. 999, 759)
     c.compilation_cache_dir = ""  # persistent XLA cache; "" = $LCM_JAX_CACHE_DIR or ~/.cache/lcm_jax/xla
     c.sample_prompts = ["a photograph of an astronaut riding a horse"]
 

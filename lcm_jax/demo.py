@@ -5,7 +5,8 @@ teacher on CPU, then compare 1-8 step sampling against the teacher's DDIM / DPM-
 
 Writes to the workdir: lcd/ and lora/ (training runs: checkpoints, metrics.jsonl, TensorBoard,
 samples/), grid.png (the same prompts at 1, 2, 4 LCM steps beside the teacher's 50 DDIM steps),
-quality.md and quality.png (the steps-vs-quality table).
+quality.md and quality.png (the steps-vs-quality table), endpoint.png (the student's one-step
+distance to the teacher's ODE endpoint during distillation).
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def write_grid(path: str, teacher, lcm, lcm_guidance: float, prompts) -> None:
 
 def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
         teacher: str | None = None) -> list:
-    from lcm_jax.evaluate import (ShapesEvaluator, heldout_prompts, one_step_distances, plot_table,
-                                  steps_quality_table, table_markdown)
+    from lcm_jax.evaluate import (ShapesEvaluator, endpoint_markdown, heldout_prompts,
+                                  one_step_distances, plot_endpoint_errors, plot_table,
+                                  read_endpoint_errors, steps_quality_table, table_markdown)
     from lcm_jax.pipeline import LCMPipeline
 
     t0 = time.time()
@@ -105,13 +107,23 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
                 f"{lcm_guidance:g}, RMS over pixels in [0, 1], {n} prompts): before distillation "
                 f"{before:.4f}, after {after:.4f}.\n")
     print(distance, end="")
+    endpoint = ""
+    if config.get("eval_endpoint_timesteps"):
+        # The same map in latent space during training, from each of the 4-step sampler's timesteps.
+        steps, errors = read_endpoint_errors(os.path.join(workdir, "lcd", "metrics.jsonl"))
+        plot_endpoint_errors(steps, errors, os.path.join(workdir, "endpoint.png"))
+        endpoint = (f"\nOne-step latent MSE to the teacher's ODE endpoint (N = "
+                    f"{config.loss.num_ddim_timesteps} DDIM chain, guidance {lcm_guidance:g}) from noised "
+                    f"training latents, by start timestep, during LCD:\n\n"
+                    + endpoint_markdown(steps, errors))
+        print(endpoint, end="")
     with open(os.path.join(workdir, "quality.md"), "w") as f:
         f.write(f"# Steps vs quality on the shapes world ({num_prompts} held-out prompts)\n\n")
         f.write(table_markdown(rows))
-        f.write("\n" + distance)
+        f.write("\n" + distance + endpoint)
     plot_table(rows, os.path.join(workdir, "quality.png"))
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min. Wrote:")
-    for name in ("lcd", "lora", "grid.png", "quality.md", "quality.png"):
+    for name in ("lcd", "lora", "grid.png", "quality.md", "quality.png", "endpoint.png"):
         if os.path.exists(os.path.join(workdir, name)):
             print(f"  {os.path.join(workdir, name)}")
     print("\n" + table_markdown(rows))

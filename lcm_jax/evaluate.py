@@ -369,3 +369,47 @@ def plot_table(rows: Sequence[QualityRow], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def read_endpoint_errors(metrics_path: str) -> tuple[list[int], dict[int, list[float]]]:
+    """The endpoint_mse/t* rows of a training run's metrics.jsonl: (steps, {t: errors})."""
+    steps, errors = [], {}
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            found = {int(k.split("/t")[1]): v for k, v in row.items() if k.startswith("endpoint_mse/t")}
+            if found:
+                steps.append(int(row["step"]))
+                for t, v in found.items():
+                    errors.setdefault(t, []).append(float(v))
+    if not steps:
+        raise ValueError(f"{metrics_path} has no endpoint_mse/t* rows: train with "
+                         "config.eval_every > 0 and config.eval_endpoint_timesteps set")
+    return steps, dict(sorted(errors.items(), reverse=True))
+
+
+def endpoint_markdown(steps: Sequence[int], errors: Mapping[int, Sequence[float]]) -> str:
+    lines = ["| LCD step | " + " | ".join(f"from t={t}" for t in errors) + " |",
+             "|---:|" + "---:|" * len(errors)]
+    lines += [f"| {s} | " + " | ".join(f"{errors[t][i]:.4f}" for t in errors) + " |"
+              for i, s in enumerate(steps)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_endpoint_errors(steps: Sequence[int], errors: Mapping[int, Sequence[float]], path: str) -> None:
+    """One-step MSE to the teacher's ODE endpoint against training step, one line per start t."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t, v in errors.items():
+        ax.plot(steps, v, "o-", label=f"from t={t}")
+    ax.set_yscale("log")
+    ax.set_xlabel("LCD step")
+    ax.set_ylabel("one-step MSE to the teacher's ODE endpoint")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import signal
@@ -341,6 +342,38 @@ def make_eval_loss(config, models: Models) -> Callable:
     return eval_loss
 
 
+def make_eval_endpoint(config, models: Models) -> Optional[Callable]:
+    """eval_endpoint(state, frozen, batch) -> (S,) one-step MSE to the teacher's ODE endpoint from
+    each of config.eval_endpoint_timesteps (consistency.make_endpoint_error), for the network
+    that samples (the EMA target of LCD, else the trained parameters), at the middle of the
+    training guidance range and a fixed key. None when off or when there is no teacher."""
+    starts = tuple(int(t) for t in config.get("eval_endpoint_timesteps", ()) or ())
+    if not starts or config.method not in ("lcd", "lcm_lora"):
+        return None
+    student_fn, teacher_fn = make_model_fns(config, models)
+    lc = config.loss
+    cfg = consistency.ConsistencyConfig(
+        num_ddim_timesteps=lc.num_ddim_timesteps,
+        w_embed_dim=config.model.time_cond_proj_dim if _uses_w_embedding(config) else None,
+        sigma_data=lc.sigma_data, timestep_scaling=lc.timestep_scaling)
+    error = consistency.make_endpoint_error(student_fn, teacher_fn, models.schedule, cfg, starts)
+    encode = make_encode(config, models)
+    key = jax.random.PRNGKey(config.seed + 3)
+    w = 0.5 * (lc.w_min + lc.w_max)
+
+    def eval_endpoint(state: TrainState, frozen, batch):
+        params = state.target_params if state.target_params is not None else state.params
+        return error(params, frozen, encode(frozen, batch, key), w, key)
+
+    return eval_endpoint
+
+
+def endpoint_row(config, errors) -> dict:
+    """{'endpoint_mse/t999': ..., ...}: the metrics names of make_eval_endpoint's output."""
+    return {f"endpoint_mse/t{int(t)}": float(e)
+            for t, e in zip(config.eval_endpoint_timesteps, jax.device_get(errors))}
+
+
 # =============================================================================================
 # Checkpoints
 # =============================================================================================
@@ -415,6 +448,8 @@ def _progress_line(step: int, total: int, row: dict) -> str:
     m, sec = divmod(int((total - step) / max(row["steps_per_s"], 1e-9)), 60)
     h, m = divmod(m, 60)
     ev = f" eval_loss {row['eval_loss']:.5f}" if "eval_loss" in row else ""
+    ends = [f"{k.split('/')[1]} {v:.4f}" for k, v in row.items() if k.startswith("endpoint_mse/")]
+    ev += f" endpoint_mse {' '.join(ends)}" if ends else ""
     return (f"step {step}/{total} loss {row['loss']:.5f}{ev} grad_norm {row['grad_norm']:.3f} "
             f"lr {row['lr']:.2e} {row['steps_per_s']:.2f} steps/s "
             f"{row['examples_per_s']:.1f} ex/s ETA {h}:{m:02d}:{sec:02d}")
@@ -466,8 +501,10 @@ def setup(config, mesh) -> dict:
         reuse = json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed,
                             jax.process_index(), jax.process_count()],
                            sort_keys=True, default=str)
+        chunks = itertools.count()  # each chunk draws its own VAE posterior sample
         source = sources.LatentCache(
-            source, lambda raw: jax.device_get(encode_fn(frozen, raw, key)), config.data.cache_size,
+            source, lambda raw: jax.device_get(encode_fn(frozen, raw, jax.random.fold_in(key, next(chunks)))),
+            config.data.cache_size,
             seed=config.seed, log=_main_process_print, reuse_key=reuse)
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
@@ -480,8 +517,11 @@ def setup(config, mesh) -> dict:
                       in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                       out_shardings=(state_sh, sharding.replicated(mesh)))
     eval_fn = jax.jit(make_eval_loss(config, models), out_shardings=sharding.replicated(mesh))
+    endpoint_fn = make_eval_endpoint(config, models)
+    if endpoint_fn is not None:
+        endpoint_fn = jax.jit(endpoint_fn, out_shardings=sharding.replicated(mesh))
     return dict(models=models, state=state, state_sh=state_sh, frozen=frozen, step_fn=step_fn,
-                eval_fn=eval_fn, source=source)
+                eval_fn=eval_fn, endpoint_fn=endpoint_fn, source=source)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -525,6 +565,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             source.batch(2 ** 30, jax.process_index(), jax.process_count()), mesh)
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    if start == 0 and eval_batch is not None and s["endpoint_fn"] is not None:  # the baseline
+        row = endpoint_row(config, s["endpoint_fn"](state, s["frozen"], eval_batch))
+        row["eval_loss"] = float(s["eval_fn"](state, s["frozen"], eval_batch))
+        writer.write(0, row)
+        _main_process_print("before distillation: eval_loss {:.5f} endpoint_mse {}".format(
+            row["eval_loss"], " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in row.items()
+                                       if k.startswith("endpoint_mse/"))))
     t_last, step_last = time.time(), start
     sampler = make_sample_hook(config, s["models"], workdir) if is_main else None
     try:
@@ -545,6 +592,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size)
                 if eval_batch is not None and (done % config.eval_every == 0 or done == config.total_steps):
                     row["eval_loss"] = float(s["eval_fn"](state, s["frozen"], eval_batch))
+                    if s["endpoint_fn"] is not None:
+                        row.update(endpoint_row(config, s["endpoint_fn"](state, s["frozen"], eval_batch)))
                 writer.write(done, row)
                 if is_main:
                     print(_progress_line(done, config.total_steps, row), flush=True)

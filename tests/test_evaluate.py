@@ -145,3 +145,21 @@ def test_one_step_distance_to_the_teachers_ode_endpoint():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # The teacher's one-step x0 under CFG is extrapolated far past the ODE's endpoint.
     assert 0.0 < got[0] < got[1]
+
+
+def test_endpoint_errors_from_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval_loss": 0.1, "endpoint_mse/t999": 0.4, "endpoint_mse/t259": 0.02},
+            {"step": 5, "loss": 0.2},
+            {"step": 10, "eval_loss": 0.09, "endpoint_mse/t999": 0.3, "endpoint_mse/t259": 0.01}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, errors = evaluate.read_endpoint_errors(str(path))
+    assert steps == [0, 10] and errors == {999: [0.4, 0.3], 259: [0.02, 0.01]}
+    assert list(errors) == [999, 259]
+    md = evaluate.endpoint_markdown(steps, errors)
+    assert "| 10 | 0.3000 | 0.0100 |" in md and "from t=999" in md
+    evaluate.plot_endpoint_errors(steps, errors, str(tmp_path / "endpoint.png"))
+    assert (tmp_path / "endpoint.png").stat().st_size > 1000
+    (tmp_path / "none.jsonl").write_text(json.dumps({"step": 5, "loss": 0.2}) + "\n")
+    with pytest.raises(ValueError, match="none.jsonl has no endpoint_mse"):
+        evaluate.read_endpoint_errors(str(tmp_path / "none.jsonl"))

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 from lcm_jax import schedules
-from lcm_jax.losses.consistency import ConsistencyConfig, ddim_grid, ema_update, make_consistency_loss
+from lcm_jax.losses.consistency import (ConsistencyConfig, ddim_grid, ema_update, make_consistency_loss,
+                                         make_endpoint_error)
 
 MU, S = 0.5, 0.3
 SHAPE = (2, 2, 1)
@@ -86,3 +87,55 @@ def test_lcd_brings_one_step_output_to_the_ddim_chain_endpoint():
     print("one-step RMS error to the chain endpoint:", err0, errs)
     assert err0 > 0.2                    # the teacher's one-step x0 is the posterior mean
     assert errs[-1] < 0.1 * err0, (err0, errs)
+
+
+def _chain_endpoint(teacher_params, abar, grid, k, z, n_start):
+    """The teacher's DDIM chain on the skipping grid from grid[n_start] down to t = 0."""
+    for t in grid[:n_start + 1][::-1]:
+        tt = jnp.full((z.shape[0],), t)
+        x0, eps = schedules.predict_x0_eps(_affine(teacher_params, z, tt), z, abar[t], "epsilon")
+        z = schedules.ddim_step(z, eps, x0, abar[t], abar[max(t - k, 0)])
+    return z
+
+
+def test_endpoint_error_matches_the_chain_and_vanishes_for_the_consistency_function():
+    schedule, abar, scale0, shift0 = _setup()
+    teacher_params = {"scale": scale0, "shift": shift0}
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_min=0.0, w_max=0.0, w_embed_dim=None)
+    grid = ddim_grid(schedule.num_train_timesteps, cfg.num_ddim_timesteps)
+    k = schedule.num_train_timesteps // cfg.num_ddim_timesteps
+    starts = (999, 599, 199, 19)
+    endpoint_error = jax.jit(make_endpoint_error(student_fn, teacher_fn, schedule, cfg, starts))
+    b = 64
+    x = MU + S * jax.random.normal(jax.random.PRNGKey(3), (b,) + SHAPE)
+    batch = {"latents": x, "prompt_embeds": jnp.zeros((b, 1, 1)), "uncond_embeds": jnp.zeros((b, 1, 1))}
+    rng = jax.random.PRNGKey(4)
+    got = np.asarray(endpoint_error(teacher_params, None, batch, 3.0, rng))
+
+    # Reference: the same noise, the chain run step by step here, the teacher as the student.
+    eps = jax.random.normal(rng, x.shape)
+    exact = {"scale": scale0, "shift": shift0}
+    want = []
+    for t in starts:
+        n = int(np.searchsorted(grid, t))
+        z_t = jnp.sqrt(abar[t]) * x + jnp.sqrt(1 - abar[t]) * eps
+        end = _chain_endpoint(teacher_params, abar, grid, k, z_t, n)
+        tt = jnp.full((b,), t)
+        x0, _ = schedules.predict_x0_eps(_affine(teacher_params, z_t, tt), z_t, abar[t], "epsilon")
+        c_skip, c_out = schedules.scalings_for_boundary_conditions(tt)
+        want.append(float(jnp.mean((c_skip[0] * z_t + c_out[0] * x0 - end) ** 2)))
+        # The chain is affine, endpoint = A z_t + B: the student that outputs exactly that at t.
+        a0 = _chain_endpoint(teacher_params, abar, grid, k, jnp.zeros((1,) + SHAPE), n)[0, 0, 0, 0]
+        a1 = _chain_endpoint(teacher_params, abar, grid, k, jnp.ones((1,) + SHAPE), n)[0, 0, 0, 0]
+        A, B = a1 - a0, a0
+        ra, rs, cs, co = jnp.sqrt(abar[t]), jnp.sqrt(1 - abar[t]), c_skip[0], c_out[0]
+        exact["scale"] = exact["scale"].at[t].set((1 - (A - cs) * ra / co) / rs)
+        exact["shift"] = exact["shift"].at[t].set(-B * ra / (co * rs))
+    print("endpoint MSE, teacher as student:", got, "reference:", want)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert got[0] > 0.03 and got[0] > 5 * got[-1]   # one step from t = 999 is far from the endpoint
+    solved = np.asarray(endpoint_error(exact, None, batch, 3.0, rng))
+    print("endpoint MSE, the chain's consistency function:", solved)
+    assert np.all(solved < 1e-6 * np.maximum(got, 1e-3)), solved

@@ -68,6 +68,24 @@ def test_fifty_steps_loss_falls(full_run):
     assert os.path.isdir(os.path.join(workdir, "tensorboard"))
 
 
+def test_endpoint_error_is_logged_from_step_zero(tmp_path):
+    workdir = str(tmp_path / "endpoint")
+    out = _run([f"--workdir={workdir}", "--config.total_steps=10", "--config.eval_every=5",
+                "--config.eval_endpoint_timesteps=(999, 499)"])
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == [0, 5, 10]
+    keys = ("endpoint_mse/t999", "endpoint_mse/t499")
+    for r in rows:
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in keys), r
+    # From t = 999 one step is much further from the chain's end than from t = 499.
+    assert rows[0][keys[0]] > rows[0][keys[1]], rows[0]
+    assert "before distillation: eval_loss" in out.stdout and "endpoint_mse t999" in out.stdout
+    bad = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'bad'}", "--config.eval_every=5",
+                                  "--config.eval_endpoint_timesteps=(998,)"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "[998]" in bad.stderr and "skipping grid" in bad.stderr
+
+
 def test_resume_after_kill_matches_uninterrupted(full_run, tmp_path):
     ref = {r["step"]: r for r in _metrics(full_run[0])}
     workdir = str(tmp_path / "killed")

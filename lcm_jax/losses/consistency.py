@@ -130,6 +130,65 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
     return loss_fn
 
 
+def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: schedules.NoiseSchedule,
+                        cfg: ConsistencyConfig, starts: tuple[int, ...]):
+    """Builds endpoint_error(params, frozen, batch, w, rng) -> (S,) mean squared errors.
+
+    What LCD is after, measured directly: for each start timestep t_s in `starts` (members of
+    the skipping grid t_n), the distance between the student's one-step output f_theta(z_{t_s})
+    and the end of the teacher's own ODE chain from the same z_{t_s}: N-grid DDIM steps on the
+    w-augmented PF-ODE down to t = 0, where f(z, 0) = z. The loss compares two student outputs,
+    so it can fall while the student drifts from this endpoint; this cannot. It costs one
+    teacher chain (with CFG) over len(starts) x batch latents, like sampling that many images.
+    """
+    T = schedule.num_train_timesteps
+    grid_np = ddim_grid(T, cfg.num_ddim_timesteps)
+    bad = [t for t in starts if t not in set(grid_np.tolist())]
+    if bad or not starts:
+        raise ValueError(f"endpoint-error start timesteps {list(starts)} must be non-empty members of "
+                         f"the skipping grid t_n = {grid_np[:3].tolist()}..{grid_np[-1]} "
+                         f"(num_ddim_timesteps={cfg.num_ddim_timesteps})")
+    grid = jnp.asarray(grid_np)
+    k = T // cfg.num_ddim_timesteps
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    pred_type = schedule.prediction_type
+    start_n = np.searchsorted(grid_np, np.asarray(starts))
+    top = int(start_n.max())
+
+    def endpoint_error(params, frozen, batch, w, rng):
+        z, b, s = batch["latents"], batch["latents"].shape[0], len(starts)
+        tile = lambda x: jnp.concatenate([x] * s, axis=0)
+        tiled = {key: (tile(v) if not isinstance(v, dict) else {kk: tile(vv) for kk, vv in v.items()})
+                 for key, v in batch.items()}
+        n_of = jnp.repeat(jnp.asarray(start_n), b)
+        t_s = grid[n_of]
+        eps = tile(jax.random.normal(rng, z.shape, jnp.float32))
+        a_s = _bcast(abar[t_s])
+        z_s = jnp.sqrt(a_s) * tiled["latents"] + jnp.sqrt(1.0 - a_s) * eps
+        ws = jnp.full((b * s,), w, jnp.float32)
+        w_emb = guidance_scale_embedding(ws, cfg.w_embed_dim) if cfg.w_embed_dim else None
+        out = student_fn(params, frozen, z_s, t_s, tiled["prompt_embeds"], w_emb, tiled.get("added_cond"))
+        x0, _ = schedules.predict_x0_eps(out, z_s, a_s, pred_type)
+        c_skip, c_out = schedules.scalings_for_boundary_conditions(
+            t_s, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
+        one_step = _bcast(c_skip) * z_s + _bcast(c_out) * x0
+
+        def hop(i, zc):  # grid index n = top - i, every chain that has started takes the step
+            n = top - i
+            t = jnp.full((b * s,), grid[n])
+            x0_t, eps_t = _teacher_cfg(teacher_fn, frozen, zc, t, tiled["prompt_embeds"], tiled, ws,
+                                       abar, pred_type)
+            z_prev = schedules.ddim_step(zc, eps_t, x0_t, _bcast(abar[t]),
+                                         _bcast(abar[jnp.maximum(t - k, 0)]))
+            return jnp.where((n <= n_of)[:, None, None, None], z_prev, zc)
+
+        endpoint = jax.lax.fori_loop(0, top + 1, hop, z_s)
+        sq = jnp.square(one_step.astype(jnp.float32) - endpoint).reshape(s, -1)
+        return jnp.mean(sq, axis=1)
+
+    return endpoint_error
+
+
 def _teacher_cfg(teacher_fn, frozen, z_t, t, text, batch, w, abar, pred_type):
     """Teacher x0 and eps with the LCM CFG form: x_c + w (x_c - x_u), one batched pass."""
     b = z_t.shape[0]
