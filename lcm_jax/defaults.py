@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every = 0          # 0: no sample grids during training
     c.eval_endpoint_timesteps = ()  # LCD/LCM-LoRA, at eval steps: one-step MSE to the teacher's
                                     # ODE chain endpoint from these grid timesteps (e.g. 999, 759)
+    c.eval_endpoint_batch = 16      # examples of the eval batch it runs the teacher's chain on
     c.compilation_cache_dir = ""  # persistent XLA cache; "" = $LCM_JAX_CACHE_DIR or ~/.cache/lcm_jax/xla
     c.sample_prompts = ["a photograph of an astronaut riding a horse"]
 

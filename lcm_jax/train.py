@@ -361,8 +361,11 @@ def make_eval_endpoint(config, models: Models) -> Optional[Callable]:
     key = jax.random.PRNGKey(config.seed + 3)
     w = 0.5 * (lc.w_min + lc.w_max)
 
+    n = int(config.get("eval_endpoint_batch", 16))
+
     def eval_endpoint(state: TrainState, frozen, batch):
         params = state.target_params if state.target_params is not None else state.params
+        batch = jax.tree.map(lambda x: x[:n], batch)  # the chain costs a sampler run per example
         return error(params, frozen, encode(frozen, batch, key), w, key)
 
     return eval_endpoint
@@ -597,7 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 writer.write(done, row)
                 if is_main:
                     print(_progress_line(done, config.total_steps, row), flush=True)
-                t_last, step_last = now, done
+                t_last, step_last = time.time(), done  # steps/s counts training steps only
             if done % config.checkpoint_every == 0 or done == config.total_steps or stop["sigterm"]:
                 save_checkpoint(mngr, state, force=stop["sigterm"])
             if sampler is not None and config.sample_every and done % config.sample_every == 0:
