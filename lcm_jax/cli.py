@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")
     v.add_argument("--lcm", required=True, help="LCM pipeline folder (e.g. from lcm-jax export)")
     v.add_argument("--lora", default=None, help="LCM-LoRA safetensors for the teacher (4-step row)")
-    v.add_argument("--guidance", type=float, default=2.0,
-                   help="LCM guidance scale (w + 1); configs/shapes_lcd.py distills guidance 1..3")
+    v.add_argument("--guidance", type=float, default=6.0,
+                   help="LCM guidance scale (w + 1); configs/shapes_lcd.py distills guidance 3..9")
     v.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     v.add_argument("--num-prompts", type=int, default=200)
     v.add_argument("--seed", type=int, default=0, help="seed of the starting noise")

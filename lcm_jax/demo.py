@@ -19,7 +19,7 @@ import numpy as np
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "shapes_lcd.py")
-TEACHER_GUIDANCE = 2.0  # the shipped teacher's best 50-step FD and prompt accuracy (configs/shapes_lcd.py)
+TEACHER_GUIDANCE = 5.0  # strong guidance, as the LCM training range (configs/shapes_lcd.py)
 
 
 def load_config(arg: str | None = None, teacher: str | None = None):
