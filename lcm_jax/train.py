@@ -360,7 +360,6 @@ def make_eval_endpoint(config, models: Models) -> Optional[Callable]:
     encode = make_encode(config, models)
     key = jax.random.PRNGKey(config.seed + 3)
     w = 0.5 * (lc.w_min + lc.w_max)
-
     n = int(config.get("eval_endpoint_batch", 16))
 
     def eval_endpoint(state: TrainState, frozen, batch):
@@ -446,13 +445,18 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _endpoint_text(row: dict) -> str:
+    """' endpoint_mse t999 0.3095 t759 0.0503' from a metrics row ('' when it has none)."""
+    ends = [f"{k.split('/')[1]} {v:.4f}" for k, v in row.items() if k.startswith("endpoint_mse/")]
+    return f" endpoint_mse {' '.join(ends)}" if ends else ""
+
+
 def _progress_line(step: int, total: int, row: dict) -> str:
     """'step 10/50 loss ... grad_norm ... lr ... 4.1 steps/s 33 ex/s ETA 0:00:09'."""
     m, sec = divmod(int((total - step) / max(row["steps_per_s"], 1e-9)), 60)
     h, m = divmod(m, 60)
     ev = f" eval_loss {row['eval_loss']:.5f}" if "eval_loss" in row else ""
-    ends = [f"{k.split('/')[1]} {v:.4f}" for k, v in row.items() if k.startswith("endpoint_mse/")]
-    ev += f" endpoint_mse {' '.join(ends)}" if ends else ""
+    ev += _endpoint_text(row)
     return (f"step {step}/{total} loss {row['loss']:.5f}{ev} grad_norm {row['grad_norm']:.3f} "
             f"lr {row['lr']:.2e} {row['steps_per_s']:.2f} steps/s "
             f"{row['examples_per_s']:.1f} ex/s ETA {h}:{m:02d}:{sec:02d}")
@@ -568,13 +572,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             source.batch(2 ** 30, jax.process_index(), jax.process_count()), mesh)
     stop = {"sigterm": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    def eval_row(state) -> dict:  # the fixed-batch loss, and the endpoint error when it is on
+        row = {"eval_loss": float(s["eval_fn"](state, s["frozen"], eval_batch))}
+        if s["endpoint_fn"] is not None:
+            row.update(endpoint_row(config, s["endpoint_fn"](state, s["frozen"], eval_batch)))
+        return row
+
     if start == 0 and eval_batch is not None and s["endpoint_fn"] is not None:  # the baseline
-        row = endpoint_row(config, s["endpoint_fn"](state, s["frozen"], eval_batch))
-        row["eval_loss"] = float(s["eval_fn"](state, s["frozen"], eval_batch))
+        row = eval_row(state)
         writer.write(0, row)
-        _main_process_print("before distillation: eval_loss {:.5f} endpoint_mse {}".format(
-            row["eval_loss"], " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in row.items()
-                                       if k.startswith("endpoint_mse/"))))
+        _main_process_print(f"before distillation: eval_loss {row['eval_loss']:.5f}{_endpoint_text(row)}")
     t_last, step_last = time.time(), start
     sampler = make_sample_hook(config, s["models"], workdir) if is_main else None
     try:
@@ -594,9 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 row = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size)
                 if eval_batch is not None and (done % config.eval_every == 0 or done == config.total_steps):
-                    row["eval_loss"] = float(s["eval_fn"](state, s["frozen"], eval_batch))
-                    if s["endpoint_fn"] is not None:
-                        row.update(endpoint_row(config, s["endpoint_fn"](state, s["frozen"], eval_batch)))
+                    row.update(eval_row(state))
                 writer.write(done, row)
                 if is_main:
                     print(_progress_line(done, config.total_steps, row), flush=True)

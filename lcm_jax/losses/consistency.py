@@ -86,12 +86,7 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
     pred_type = schedule.prediction_type
 
     def f_theta(fn, params, frozen, z_t, t, text, w_emb, added):
-        """Eq. 5: c_skip(t) z_t + c_out(t) x0_hat(F(z_t, w, c, t))."""
-        out = fn(params, frozen, z_t, t, text, w_emb, added)
-        x0, _ = schedules.predict_x0_eps(out, z_t, _bcast(abar[t]), pred_type)
-        c_skip, c_out = schedules.scalings_for_boundary_conditions(
-            t, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
-        return _bcast(c_skip) * z_t + _bcast(c_out) * x0
+        return _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cfg)
 
     def loss_fn(params, target_params, frozen, batch, rng):
         z, text = batch["latents"], batch["prompt_embeds"]
@@ -143,7 +138,7 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
     """
     T = schedule.num_train_timesteps
     grid_np = ddim_grid(T, cfg.num_ddim_timesteps)
-    bad = [t for t in starts if t not in set(grid_np.tolist())]
+    bad = sorted(set(starts) - set(grid_np.tolist()))
     if bad or not starts:
         raise ValueError(f"endpoint-error start timesteps {list(starts)} must be non-empty members of "
                          f"the skipping grid t_n = {grid_np[:3].tolist()}..{grid_np[-1]} "
@@ -167,11 +162,8 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
         z_s = jnp.sqrt(a_s) * tiled["latents"] + jnp.sqrt(1.0 - a_s) * eps
         ws = jnp.full((b * s,), w, jnp.float32)
         w_emb = guidance_scale_embedding(ws, cfg.w_embed_dim) if cfg.w_embed_dim else None
-        out = student_fn(params, frozen, z_s, t_s, tiled["prompt_embeds"], w_emb, tiled.get("added_cond"))
-        x0, _ = schedules.predict_x0_eps(out, z_s, a_s, pred_type)
-        c_skip, c_out = schedules.scalings_for_boundary_conditions(
-            t_s, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
-        one_step = _bcast(c_skip) * z_s + _bcast(c_out) * x0
+        one_step = _f_theta(student_fn, params, frozen, z_s, t_s, tiled["prompt_embeds"], w_emb,
+                            tiled.get("added_cond"), abar, pred_type, cfg)
 
         def hop(i, zc):  # grid index n = top - i, every chain that has started takes the step
             n = top - i
@@ -187,6 +179,15 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
         return jnp.mean(sq, axis=1)
 
     return endpoint_error
+
+
+def _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cfg):
+    """Eq. 5: c_skip(t) z_t + c_out(t) x0_hat(F(z_t, w, c, t))."""
+    out = fn(params, frozen, z_t, t, text, w_emb, added)
+    x0, _ = schedules.predict_x0_eps(out, z_t, _bcast(abar[t]), pred_type)
+    c_skip, c_out = schedules.scalings_for_boundary_conditions(
+        t, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
+    return _bcast(c_skip) * z_t + _bcast(c_out) * x0
 
 
 def _teacher_cfg(teacher_fn, frozen, z_t, t, text, batch, w, abar, pred_type):
