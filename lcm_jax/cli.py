@@ -218,8 +218,9 @@ def student_and_shapes(config) -> tuple[Any, Any]:
     return unet, shapes
 
 
-def restore_latest(config, workdir: str) -> tuple[Any, Any]:
-    """(trained UNet module, TrainState) of the workdir's latest checkpoint, on one local device."""
+def restore_run(config, workdir: str, step: Optional[int] = None) -> tuple[Any, Any]:
+    """(trained UNet module, TrainState) of the workdir's checkpoint at `step` (default: the
+    latest), on one local device."""
     import jax
 
     from lcm_jax import train
@@ -231,7 +232,10 @@ def restore_latest(config, workdir: str) -> tuple[Any, Any]:
                             jax.eval_shape(init_state, shapes))
     mngr = train.checkpoint_manager(workdir, config)
     try:
-        state = train.restore_checkpoint(mngr, abstract)
+        if step is not None and step not in mngr.all_steps():
+            raise CliError(f"{workdir}/checkpoints has no step {step}; it holds "
+                           f"{sorted(mngr.all_steps())}")
+        state = train.restore_checkpoint(mngr, abstract, step)
     finally:
         mngr.close()
     if state is None:
@@ -244,7 +248,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     _need_folder(args.workdir, "--workdir")
     config = load_run_config(args.workdir)
     t0 = stage(1, 2, f"restoring the latest checkpoint of {args.workdir} (method {config.method})")
-    unet, state = restore_latest(config, args.workdir)
+    unet, state = restore_run(config, args.workdir)
     done(t0, f" (step {int(state.step)})")
     t0 = stage(2, 2, f"writing {args.out}")
     if config.method == "lcm_lora":

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.components = ""     # with model.teacher "": folder for vae/text encoder/tokenizer/scheduler
     c.model.unet = ml_collections.ConfigDict()  # UNet config used when model.teacher is ""
     c.model.time_cond_proj_dim = 256   # the student's w-embedding size (LCD); 0 disables it
+    c.model.w_embedding_init = "zeros"  # its new cond_proj: 'zeros' (student = teacher at step 0)
+                                        # | 'uniform' (torch Linear's default, as diffusers' LCD)
     c.model.prediction_type = "epsilon"  # for the random teacher only (folders carry their own)
     c.model.compute_dtype = "float32"  # 'bfloat16' for bf16 compute with fp32 master weights
     c.model.param_dtype = "float32"
@@ -46,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.huber_c = 0.001
     c.loss.sigma_data = 0.5
     c.loss.timestep_scaling = 10.0
+    c.loss.timestep_weighting = "uniform"  # 'uniform' (the paper) | 'snr' (losses/consistency.py)
     c.loss.ema_decay = 0.95         # LCD/LCF target network theta-
     c.diffusion_ema_decay = 0.0     # method='diffusion': EMA of the weights (exported); 0 = none
     c.loss.solver = "ddim"

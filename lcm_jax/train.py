@@ -69,12 +69,21 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def _with_zeros_for_missing(params: Params, shapes: Params) -> Params:
-    """`params` completed with zeros for every leaf of `shapes` it lacks (a new cond_proj)."""
+W_EMBEDDING_INITS = ("zeros", "uniform")
+
+
+def _with_new_leaves(params: Params, shapes: Params, init: str = "zeros", seed: int = 0) -> Params:
+    """`params` completed with every leaf of `shapes` it lacks (a new cond_proj): zeros (the
+    student starts as the teacher) or, as diffusers' LCD script leaves torch.nn.Linear's default,
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in the kernel's input size."""
+    if init not in W_EMBEDDING_INITS:
+        raise ValueError(f"model.w_embedding_init must be one of {W_EMBEDDING_INITS}, got {init!r}")
     flat = traverse_util.flatten_dict(params)
-    for path, s in traverse_util.flatten_dict(shapes).items():
+    rng = np.random.default_rng(seed)
+    for path, s in sorted(traverse_util.flatten_dict(shapes).items()):
         if path not in flat:
-            flat[path] = np.zeros(s.shape, s.dtype)
+            bound = 1.0 / np.sqrt(s.shape[0]) if init == "uniform" and len(s.shape) == 2 else 0.0
+            flat[path] = rng.uniform(-bound, bound, s.shape).astype(s.dtype) if bound else np.zeros(s.shape, s.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -122,7 +131,7 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     if _uses_w_embedding(config):
         student = UNet2DConditionModel.from_config(
             {**unet_cfg, "time_cond_proj_dim": mc.time_cond_proj_dim}, dtype=compute, remat=mc.remat)
-        init = _with_zeros_for_missing(teacher_params, unet_shapes(student))
+        init = _with_new_leaves(teacher_params, unet_shapes(student), mc.w_embedding_init, mc.init_seed)
     else:
         student, init = teacher, teacher_params
     if config.method == "lcm_lora":
@@ -212,7 +221,8 @@ def make_loss(config, models: Models):
         num_ddim_timesteps=lc.num_ddim_timesteps, w_min=lc.w_min, w_max=lc.w_max,
         w_embed_dim=config.model.time_cond_proj_dim if _uses_w_embedding(config) else None,
         loss_type=lc.loss_type, huber_c=lc.huber_c, sigma_data=lc.sigma_data,
-        timestep_scaling=lc.timestep_scaling, solver="data" if config.method == "lcf" else lc.solver)
+        timestep_scaling=lc.timestep_scaling, solver="data" if config.method == "lcf" else lc.solver,
+        timestep_weighting=lc.timestep_weighting)
     if config.method == "lcf":
         cfg = dataclasses.replace(cfg, w_min=lc.lcf_w, w_max=lc.lcf_w)
     return consistency.make_consistency_loss(student_fn, teacher_fn, models.schedule, cfg)
@@ -395,11 +405,12 @@ def save_checkpoint(mngr, state: TrainState, force: bool = False) -> None:
     mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_checkpoint(mngr, abstract_state: TrainState) -> Optional[TrainState]:
-    """The latest complete checkpoint (orbax only exposes finalised ones), or None."""
+def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
+    """The checkpoint at `step` (default: the latest complete one; orbax only exposes finalised
+    ones), or None when there is none."""
     import orbax.checkpoint as ocp
 
-    step = mngr.latest_step()
+    step = mngr.latest_step() if step is None else step
     if step is None:
         return None
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))

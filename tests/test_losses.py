@@ -141,6 +141,9 @@ def np_consistency_loss(params, target, teacher, batch, rng, cfg, pred_type, T=1
         per = np.mean(d ** 2, axis=(1, 2, 3))
     else:
         per = np.mean(np.sqrt(d ** 2 + cfg.huber_c ** 2) - cfg.huber_c, axis=(1, 2, 3))
+    if cfg.timestep_weighting == "snr":  # epsilon-scale error, capped at 1
+        snr = abar[t_start] / (1 - abar[t_start])
+        per = per * np.minimum(1.0, snr if cfg.loss_type == "l2" else np.sqrt(snr))
     return per.mean(), t_start, t_end, model_pred, tgt
 
 
@@ -153,12 +156,14 @@ def _rel(a, ref) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "snr"])
 @pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize("loss_type", ["l2", "huber"])
 @pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction", "sample"])
-def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed):
+def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed, weighting):
     schedule = schedules.NoiseSchedule(prediction_type=pred_type)
-    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type=loss_type)
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type=loss_type,
+                            timestep_weighting=weighting)
     loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
     rng, batch = jax.random.key(seed), _batch(seed)
     loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
@@ -317,6 +322,17 @@ def test_distance_formulas_and_error():
     np.testing.assert_allclose(consistency.distance(a, b, "huber", 0.1), huber, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_type must be 'l2' or 'huber', got 'l1'"):
         consistency.distance(a, b, "l1", 0.1)
+
+
+def test_snr_timestep_weight_is_epsilon_scale_capped_at_one():
+    abar = jnp.asarray([0.99, 0.5, 0.2, 0.0047])  # SNR 99, 1, 0.25, ~0.0047 (SD's t = 999)
+    np.testing.assert_allclose(consistency.timestep_weight(abar, "uniform", "huber"), 1.0)
+    np.testing.assert_allclose(consistency.timestep_weight(abar, "snr", "l2"),
+                               [1.0, 1.0, 0.25, 0.0047 / 0.9953], rtol=1e-5)
+    np.testing.assert_allclose(consistency.timestep_weight(abar, "snr", "huber"),
+                               [1.0, 1.0, 0.5, np.sqrt(0.0047 / 0.9953)], rtol=1e-5)
+    with pytest.raises(ValueError, match="timestep_weighting must be one of .* got 'min_snr'"):
+        consistency.timestep_weight(abar, "min_snr", "l2")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -108,6 +109,23 @@ def test_resume_after_kill_matches_uninterrupted(full_run, tmp_path):
         np.testing.assert_allclose(r["loss"], ref[r["step"]]["loss"], rtol=1e-6)
 
 
+def test_restore_run_reads_the_chosen_checkpoint(full_run):
+    """cli.restore_run: the latest by default, any kept step on request, a missing one refused
+    with the steps that exist (tools/eval_checkpoints.py walks a run this way)."""
+    from lcm_jax.cli import CliError, load_run_config, restore_run
+
+    workdir = full_run[0]
+    config = load_run_config(workdir)
+    _, latest = restore_run(config, workdir)
+    _, s40 = restore_run(config, workdir, step=40)
+    assert int(latest.step) == 50 and int(s40.step) == 40
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(latest.params), jax.tree.leaves(s40.params))]
+    assert max(diffs) > 0  # ten optimizer steps apart
+    with pytest.raises(CliError, match=r"no step 7; it holds \[30, 40, 50\]"):
+        restore_run(config, workdir, step=7)
+
+
 def test_sigterm_saves_and_exits(tmp_path):
     workdir = str(tmp_path / "term")
     proc = subprocess.Popen(TRAIN + [f"--workdir={workdir}", "--config.total_steps=100000",
@@ -200,3 +218,22 @@ def test_diffusion_training_keeps_an_exact_weight_ema():
         np.testing.assert_array_equal(a, b)
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(state.target_params),
                                                         jax.tree.leaves(history[-1])))
+
+
+def test_new_w_embedding_leaves_zeros_or_torch_linear_default():
+    """The student's cond_proj, absent from the teacher: zeros, or U(+-1/sqrt(fan_in)) as a
+    torch.nn.Linear that diffusers' LCD script leaves at its default; a bad name is refused."""
+    from lcm_jax import train
+
+    teacher = {"time_embedding": {"linear_1": {"kernel": np.ones((8, 16), np.float32)}}}
+    shapes = {"time_embedding": {"linear_1": {"kernel": jax.ShapeDtypeStruct((8, 16), np.float32)},
+                                 "cond_proj": {"kernel": jax.ShapeDtypeStruct((64, 8), np.float32)}}}
+    zeros = train._with_new_leaves(teacher, shapes, "zeros")
+    assert not np.any(zeros["time_embedding"]["cond_proj"]["kernel"])
+    np.testing.assert_array_equal(zeros["time_embedding"]["linear_1"]["kernel"], 1.0)
+    k = train._with_new_leaves(teacher, shapes, "uniform", seed=3)["time_embedding"]["cond_proj"]["kernel"]
+    assert k.shape == (64, 8) and k.dtype == np.float32
+    assert np.abs(k).max() <= 1 / 8 and np.abs(k).max() > 0.9 / 8  # bound 1/sqrt(64)
+    assert abs(float(np.std(k)) - (1 / 8) / np.sqrt(3)) < 0.01      # uniform's std
+    with pytest.raises(ValueError, match="w_embedding_init must be one of .* got 'normal'"):
+        train._with_new_leaves(teacher, shapes, "normal")

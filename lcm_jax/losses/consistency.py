@@ -40,6 +40,7 @@ class ConsistencyConfig:
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     solver: str = "ddim"              # teacher ODE solver: 'ddim'; 'data' = LCF (no teacher)
+    timestep_weighting: str = "uniform"  # lambda(t_{n+k}): 'uniform' (the paper) or 'snr' (below)
 
 
 @dataclasses.dataclass
@@ -57,6 +58,24 @@ def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
     """t_n for n = 1..N: round(n k) - 1 with k = T / N  (diffusers' DDIMSolver grid)."""
     k = num_train_timesteps // num_ddim_timesteps
     return (np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int32) - 1
+
+
+TIMESTEP_WEIGHTINGS = ("uniform", "snr")
+
+
+def timestep_weight(abar_t: jax.Array, weighting: str, loss_type: str) -> jax.Array:
+    """lambda(t) per example. 'uniform': 1 (LCM, Algorithm 1). 'snr': the distance in x0 space
+    brought to the scale of the epsilon error it comes from, capped at 1: x0 - x0' = sqrt(1 / SNR)
+    (eps - eps') for an epsilon-predictor, SNR = abar / (1 - abar), so min(1, SNR) for the squared
+    error and min(1, sqrt(SNR)) for pseudo-Huber (close to the absolute error). At t = 999 of SD's
+    schedule sqrt(SNR) is about 0.07: without it the x0 error there, 14x the epsilon error that
+    causes it, dominates the gradient of a UNet shared across timesteps."""
+    if weighting == "uniform":
+        return jnp.ones_like(abar_t)
+    if weighting == "snr":
+        snr = abar_t / (1.0 - abar_t)
+        return jnp.minimum(1.0, snr if loss_type == "l2" else jnp.sqrt(snr))
+    raise ValueError(f"timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, got {weighting!r}")
 
 
 def distance(a: jax.Array, b: jax.Array, loss_type: str, huber_c: float) -> jax.Array:
@@ -119,6 +138,7 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
             f_theta(student_fn, target_params, frozen, z_end, t_end, text, w_emb, added))
         # 7. CONSISTENCY DISTANCE (Eq. 10).
         per_example = distance(model_pred, target, cfg.loss_type, cfg.huber_c)
+        per_example = per_example * timestep_weight(abar[t_start], cfg.timestep_weighting, cfg.loss_type)
         terms = ConsistencyTerms(per_example, t_start, t_end, w, model_pred, target)
         return jnp.mean(per_example), terms
 
