@@ -301,6 +301,54 @@ def generate(pipe, prompts: Sequence[str], sampler: str, steps: int, guidance: f
     return np.concatenate(out)[:len(prompts)]
 
 
+def oracle_generate(pipe, prompts: Sequence[str], steps: int, guidance: float, seed: int = 0,
+                    batch: int = 100, size: int = 64,
+                    num_ddim_timesteps: Optional[int] = None) -> np.ndarray:
+    """What a perfectly distilled LCM of `pipe`'s teacher would sample: generate(pipe, prompts,
+    'lcm', ...) with the same starting noise and re-noising draws, the consistency function
+    replaced by the value LCD converges to, the teacher's own CFG DDIM chain on the skipping
+    grid of N = `num_ddim_timesteps` (the run's config.loss.num_ddim_timesteps; None: the
+    scheduler config's original_inference_steps, else 50) from each sampling timestep to t = 0
+    (consistency.teacher_chain_endpoint, guidance scale `guidance` = w + 1). The ceiling of
+    distillation at this guidance, to tell a student that has not learned the ODE from a
+    sampler that cannot use it. A step from t costs up to N teacher CFG passes. SD 1.x/2.x-style
+    pipelines (no pooled text embeddings)."""
+    from lcm_jax import sampling, schedules
+    from lcm_jax.losses import consistency
+
+    if pipe.c.unet.config.time_cond_proj_dim is not None:
+        raise ValueError("oracle_generate needs the teacher's pipeline (a UNet without a w-embedding), "
+                         "not a distilled LCM's")
+    schedule = pipe.c.schedule
+    num_ddim = int(num_ddim_timesteps or pipe.c.scheduler_config.get("original_inference_steps", 50))
+    ts = [int(t) for t in pipe.timesteps("lcm", steps, original_inference_steps=num_ddim)]
+    params, _ = pipe.unet_call_params()
+    teacher_fn = lambda _, frozen, x, t, text, w_emb, added: pipe._apply_unet(frozen, x, t, text, None, added)
+    chains = {t: jax.jit(lambda frozen, cond, z, t=t: consistency.teacher_chain_endpoint(
+        teacher_fn, frozen, cond, z, t, guidance - 1.0, schedule, num_ddim)) for t in ts}
+    decode = pipe._jitted_parts[1]
+    out = []
+    for i, s in enumerate(range(0, len(prompts), batch)):
+        chunk = list(prompts[s:s + batch])
+        chunk += [chunk[-1]] * (batch - len(chunk))
+        text, pooled = pipe.encode_prompt(chunk)
+        if pooled is not None:
+            raise ValueError("oracle_generate supports pipelines without pooled text embeddings (not SDXL)")
+        cond = {"prompt_embeds": text, "uncond_embeds": pipe._negative_prompt(None, text, None)[0]}
+        rng_lat, rng_steps = jax.random.split(jax.random.PRNGKey(seed + i))  # as pipe(..., seed)
+        latents = jax.random.normal(rng_lat, (batch, size // 8, size // 8, pipe.c.unet.config.in_channels))
+
+        def model_fn(x, t):  # the model output whose x0-prediction at t is the chain's endpoint
+            t0 = int(t[0])
+            x0 = chains[t0](params, cond, x)
+            a = jnp.float32(schedule.alpha_bar(np.asarray(t0)))
+            return schedules.output_for_x0(x0, x, a, schedule.prediction_type)
+
+        z = sampling.lcm_sample(model_fn, latents, schedule, np.asarray(ts), rng_steps, debug=True)
+        out.append(np.asarray(decode(pipe.c.vae_params, z)))
+    return np.concatenate(out)[:len(prompts)]
+
+
 def steps_quality_table(runs: Sequence[tuple], evaluator: "ShapesEvaluator", prompts: Sequence[str],
                         seed: int = 0, batch: int = 100, log=print) -> list[QualityRow]:
     """One row per (name, pipe, sampler, steps, guidance) in `runs`: FD and prompt accuracy."""

@@ -163,6 +163,21 @@ def predict_x0_eps(model_output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Arr
                                    prediction_type)
 
 
+def output_for_x0(x0: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array, prediction_type: str) -> jax.Array:
+    """The model output whose predict_x0_eps at (x_t, abar_t) is `x0`: its inverse in x0."""
+    alpha_bar_t = jnp.asarray(alpha_bar_t, jnp.float32)
+    alpha, sigma = jnp.sqrt(alpha_bar_t), jnp.sqrt(1 - alpha_bar_t)
+    eps = (x_t - alpha * x0) / sigma
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(
+        f"prediction_type {prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
+
+
 def ddim_step(x_t: jax.Array, eps: jax.Array, x0: jax.Array, alpha_bar_t: jax.Array,
               alpha_bar_prev: jax.Array) -> jax.Array:
     """One deterministic DDIM update (Song et al. 2021, eq. 12 with sigma=0): x_prev from (x0, eps).

@@ -274,7 +274,8 @@ def _encode_sdxl(config, models: Models, frozen, ids: jax.Array) -> dict:
 def ema_decay(config) -> float:
     """Decay of the EMA kept in TrainState.target_params (0: none is kept).
 
-    LCD/LCF: the target network theta- of the consistency loss (config.loss.ema_decay).
+    LCD/LCF: the target network theta- of the consistency loss (config.loss.ema_decay); with 0
+    the target is the current student under stop-gradient.
     Diffusion training: an EMA of the weights, the model a teacher ships with
     (config.diffusion_ema_decay, as diffusers' --use_ema); the loss never reads it.
     """
@@ -299,7 +300,8 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
 
     def grads_of(params, target, frozen, batch, rng):
         def f(p):
-            loss, _ = loss_fn(p, target if has_target else p, frozen, batch, rng)
+            # ema_decay 0 keeps no EMA: the target is the current student (no gradient), as iCT.
+            loss, _ = loss_fn(p, target if has_target and target is not None else params, frozen, batch, rng)
             return loss
         return jax.value_and_grad(f)(params)
 
@@ -346,7 +348,7 @@ def make_eval_loss(config, models: Models) -> Callable:
     key = jax.random.PRNGKey(config.seed + 1)
 
     def eval_loss(state: TrainState, frozen, batch):
-        target = state.target_params if has_target else state.params
+        target = state.target_params if has_target and state.target_params is not None else state.params
         return loss_fn(state.params, target, frozen, encode(frozen, batch, key), key)[0]
 
     return eval_loss

@@ -163,3 +163,48 @@ def test_endpoint_errors_from_metrics(tmp_path):
     (tmp_path / "none.jsonl").write_text(json.dumps({"step": 5, "loss": 0.2}) + "\n")
     with pytest.raises(ValueError, match="none.jsonl has no endpoint_mse"):
         evaluate.read_endpoint_errors(str(tmp_path / "none.jsonl"))
+
+
+def test_oracle_lcm_one_step_is_diffusers_ddim_on_the_skipping_grid(tmp_path):
+    """oracle_generate at one step is the end of the teacher's CFG DDIM chain over the skipping
+    grid 999, 979, ..., 19 down to t = 0: diffusers' DDIMScheduler with trailing spacing and
+    final alpha abar_0, from the same starting latents; at more steps it differs."""
+    import jax
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lcm_jax.evaluate import oracle_generate
+    from lcm_jax.pipeline import LCMPipeline
+    from tiny_pipeline import build_pipeline
+
+    folder = str(tmp_path / "teacher")
+    tp = build_pipeline(folder, time_cond_proj_dim=None)
+    pipe = LCMPipeline.from_pretrained(folder)
+    prompts, guidance = ["a red circle", "a blue square"], 3.0
+    ours = oracle_generate(pipe, prompts, 1, guidance, seed=5, batch=2)
+    latents = jax.random.normal(jax.random.split(jax.random.PRNGKey(5))[0], (2, 8, 8, 4))
+
+    ddim = DDIMScheduler.from_config(tp.scheduler.config, timestep_spacing="trailing",
+                                     set_alpha_to_one=False, clip_sample=False, steps_offset=0)
+    sd = StableDiffusionPipeline(vae=tp.vae, text_encoder=tp.text_encoder, tokenizer=tp.tokenizer,
+                                 unet=tp.unet, scheduler=ddim, safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        ref = sd(prompts, num_inference_steps=50, guidance_scale=guidance, height=64, width=64,
+                 latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()),
+                 output_type="np").images
+    err = np.abs(ours - ref).max()
+    print("oracle vs diffusers DDIM on the grid, max image difference:", err)
+    assert err < 2e-3, err
+    four = oracle_generate(pipe, prompts, 4, guidance, seed=5, batch=2)
+    assert np.abs(four - ours).max() > 10 * err  # re-noising and three more chains change it
+    with pytest.raises(ValueError, match="teacher"):
+        oracle_generate(LCMPipeline.from_pretrained(_student_folder(tmp_path)), prompts, 1, guidance)
+
+
+def _student_folder(tmp_path):
+    from tiny_pipeline import build_pipeline
+
+    folder = str(tmp_path / "student")
+    build_pipeline(folder)
+    return folder

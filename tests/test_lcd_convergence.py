@@ -139,3 +139,24 @@ def test_endpoint_error_matches_the_chain_and_vanishes_for_the_consistency_funct
     solved = np.asarray(endpoint_error(exact, None, batch, 3.0, rng))
     print("endpoint MSE, the chain's consistency function:", solved)
     assert np.all(solved < 1e-6 * np.maximum(got, 1e-3)), solved
+
+
+def test_teacher_chain_endpoint_is_the_chain():
+    """consistency.teacher_chain_endpoint (the oracle sampler's f) against the chain run step by
+    step here; CFG with identical conditional and unconditional passes leaves it unchanged."""
+    from lcm_jax.losses.consistency import teacher_chain_endpoint
+
+    schedule, abar, scale0, shift0 = _setup()
+    teacher_params = {"scale": scale0, "shift": shift0}
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    grid = ddim_grid(schedule.num_train_timesteps, 50)
+    z = jax.random.normal(jax.random.PRNGKey(7), (8,) + SHAPE)
+    batch = {"prompt_embeds": jnp.zeros((8, 1, 1)), "uncond_embeds": jnp.zeros((8, 1, 1))}
+    for t in (999, 499, 19):
+        got = teacher_chain_endpoint(teacher_fn, None, batch, z, t, 4.0, schedule, 50)
+        want = _chain_endpoint(teacher_params, abar, grid, 20, z, int(np.searchsorted(grid, t)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(got - z).max()) > 1e-3  # one hop from t = 19 still moves z
+    import pytest
+    with pytest.raises(ValueError, match="skipping grid"):
+        teacher_chain_endpoint(teacher_fn, None, batch, z, 500, 4.0, schedule, 50)

@@ -166,3 +166,15 @@ def test_predict_x0_eps_inverts_forward_process(prediction_type):
     np.testing.assert_allclose(schedules.ddim_step(x_t, got_eps, got_x0, abar, 1.0), got_x0, atol=0)
     with pytest.raises(ValueError, match="prediction_type 'x' is not supported"):
         schedules.predict_x0_eps(output, x_t, abar, "x")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_output_for_x0_inverts_predict_x0_eps(prediction_type):
+    rng = np.random.default_rng(0)
+    x0, x_t = rng.normal(size=(2, 4, 4, 3)).astype(np.float32), rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    a = np.float32(0.3)
+    out = schedules.output_for_x0(x0, x_t, a, prediction_type)
+    back, _ = schedules.predict_x0_eps(out, x_t, a, prediction_type)
+    np.testing.assert_allclose(back, x0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not supported"):
+        schedules.output_for_x0(x0, x_t, a, "flow")

@@ -237,3 +237,28 @@ def test_new_w_embedding_leaves_zeros_or_torch_linear_default():
     assert abs(float(np.std(k)) - (1 / 8) / np.sqrt(3)) < 0.01      # uniform's std
     with pytest.raises(ValueError, match="w_embedding_init must be one of .* got 'normal'"):
         train._with_new_leaves(teacher, shapes, "normal")
+
+
+def test_lcd_without_ema_uses_the_current_student_as_target():
+    """loss.ema_decay = 0 keeps no EMA: the consistency target is the student itself (stop-
+    gradient), so the first step (where the EMA still equals the student) matches decay 0.95
+    exactly, and later steps differ."""
+    import jax
+    from configs.tiny_lcd import get_config
+    from lcm_jax import sharding, train
+
+    def losses(decay, steps=2):
+        config = get_config()
+        config.loss.ema_decay = decay
+        s = train.setup(config, sharding.make_mesh(1, 1))
+        state, out = s["state"], []
+        for i in range(steps):
+            state, m = s["step_fn"](state, s["frozen"], s["source"].batch(i))
+            out.append(float(m["loss"]))
+        return state, out
+
+    state0, no_ema = losses(0.0)
+    assert state0.target_params is None and np.all(np.isfinite(no_ema))
+    _, ema = losses(0.95)
+    assert no_ema[0] == pytest.approx(ema[0], rel=1e-6)
+    assert no_ema[1] != pytest.approx(ema[1], rel=1e-6)

@@ -5,7 +5,9 @@
 For the student before distillation (step 0) and each checkpoint the run kept, FD and prompt
 accuracy (lcm_jax.evaluate.ShapesEvaluator) of LCM sampling at each step count, on the same
 held-out prompts and starting noise, beside the teacher's 50 DDIM steps; with the endpoint error
-the run logged at that step (metrics.jsonl, when config.eval_endpoint_timesteps is set). Writes
+the run logged at that step (metrics.jsonl, when config.eval_endpoint_timesteps is set), and with
+--oracle the ideal LCM's row (the teacher's own CFG DDIM chain as the consistency function: what
+LCD converges to, so the ceiling of the run). Writes
 WORKDIR/quality_by_step.{md,png,jsonl} and prints each row as it is scored.
 
 Use it to see whether a run converges: the demo's table scores only the last checkpoint. Keep
@@ -55,6 +57,10 @@ def markdown(rows: list[dict], sample_steps, teacher: dict) -> str:
         cells = [str(r["step"])] + [f"{r['fd'][str(n)]:.2f} / {r['acc'][str(n)]:.3f}" for n in sample_steps]
         cells += [f"{r['endpoint'][k]:.4f}" if k in r.get("endpoint", {}) else "" for k in endpoint_keys]
         lines.append("| " + " | ".join(cells) + " |")
+    if "oracle" in teacher:  # the ideal LCM: the teacher's chain as the consistency function
+        o = teacher["oracle"]
+        lines.append("| ideal LCM | " + " | ".join(f"{o[str(n)][0]:.2f} / {o[str(n)][1]:.3f}" for n in sample_steps)
+                     + " |" + " |" * len(endpoint_keys))
     return (f"Teacher, {TEACHER_STEPS} DDIM steps, guidance {teacher['guidance']:g}: FD "
             f"{teacher['fd']:.2f}, prompt accuracy {teacher['acc']:.3f}.\n\n" + "\n".join(lines) + "\n")
 
@@ -69,8 +75,10 @@ def plot(rows: list[dict], sample_steps, teacher: dict, path: str) -> None:
     for n in sample_steps:
         ax_fd.plot(x, [r["fd"][str(n)] for r in rows], marker="o", label=f"LCM {n} step{'s' if n > 1 else ''}")
         ax_acc.plot(x, [r["acc"][str(n)] for r in rows], marker="o", label=f"LCM {n} step{'s' if n > 1 else ''}")
-    for ax, key in ((ax_fd, "fd"), (ax_acc, "acc")):
+    for i, (ax, key) in enumerate(((ax_fd, "fd"), (ax_acc, "acc"))):
         ax.axhline(teacher[key], color="k", ls="--", label=f"teacher DDIM {TEACHER_STEPS}")
+        for j, n in enumerate(sample_steps if "oracle" in teacher else ()):
+            ax.axhline(teacher["oracle"][str(n)][i], color=f"C{j}", ls=":", label=f"ideal LCM {n}")
         ax.set_xlabel("distillation step")
     ax_fd.set_yscale("log")
     ax_fd.set_ylabel("FD (lower is better)")
@@ -91,6 +99,9 @@ def main(argv=None) -> None:
                         "1 for LCM-LoRA)")
     p.add_argument("--teacher_guidance", type=float, default=5.0)
     p.add_argument("--every", type=int, default=1, help="score every k-th kept checkpoint")
+    p.add_argument("--oracle", action="store_true",
+                   help="also score the ideal LCM at each step count (evaluate.oracle_generate: the "
+                        "teacher's own CFG DDIM chain as the consistency function), the ceiling")
     p.add_argument("--batch", type=int, default=100)
     args = p.parse_args(argv)
 
@@ -98,7 +109,7 @@ def main(argv=None) -> None:
 
     from lcm_jax import train
     from lcm_jax.cli import load_run_config, restore_run
-    from lcm_jax.evaluate import ShapesEvaluator, generate, heldout_prompts
+    from lcm_jax.evaluate import ShapesEvaluator, generate, heldout_prompts, oracle_generate
     from lcm_jax.pipeline import LCMPipeline, pipeline_from_training
 
     config = load_run_config(args.workdir)
@@ -123,6 +134,14 @@ def main(argv=None) -> None:
     teacher = dict(guidance=args.teacher_guidance, fd=m["fd"], acc=m["prompt_accuracy"])
     print(f"teacher DDIM {TEACHER_STEPS} guidance {args.teacher_guidance:g}: FD {teacher['fd']:.2f} "
           f"acc {teacher['acc']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    if args.oracle:
+        teacher["oracle"] = {}
+        for n in args.steps:
+            m = evaluator(oracle_generate(teacher_pipe, prompts, n, guidance, batch=batch,
+                                                num_ddim_timesteps=config.loss.num_ddim_timesteps), prompts)
+            teacher["oracle"][str(n)] = (float(m["fd"]), float(m["prompt_accuracy"]))
+            print(f"ideal LCM {n} steps guidance {guidance:g}: FD {m['fd']:.2f} "
+                  f"acc {m['prompt_accuracy']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     del teacher_pipe
 
     models = train.build_models(config)

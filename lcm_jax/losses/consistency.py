@@ -201,6 +201,31 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
     return endpoint_error
 
 
+def teacher_chain_endpoint(teacher_fn: ModelFn, frozen, batch: dict, z: jax.Array, t_start: int,
+                           w, schedule: schedules.NoiseSchedule, num_ddim_timesteps: int) -> jax.Array:
+    """The end of the teacher's DDIM chain on the w-augmented PF-ODE from z at grid timestep
+    `t_start` (static) down the skipping grid to t = 0: the value LCD's consistency function
+    f(z, t_start) converges to. `batch` carries 'prompt_embeds' and 'uncond_embeds' (and SDXL's
+    added conditioning) for the rows of z; w is the guidance scale minus 1."""
+    T = schedule.num_train_timesteps
+    grid = ddim_grid(T, num_ddim_timesteps)
+    if int(t_start) not in set(grid.tolist()):
+        raise ValueError(f"chain start {t_start} is not on the skipping grid "
+                         f"{grid[:3].tolist()}..{grid[-1]} (num_ddim_timesteps={num_ddim_timesteps})")
+    k = T // num_ddim_timesteps
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    b = z.shape[0]
+    ws = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (b,))
+
+    def hop(i, zc):
+        t = jnp.full((b,), t_start - i * k)
+        x0, eps = _teacher_cfg(teacher_fn, frozen, zc, t, batch["prompt_embeds"], batch, ws, abar,
+                               schedule.prediction_type)
+        return schedules.ddim_step(zc, eps, x0, _bcast(abar[t]), _bcast(abar[jnp.maximum(t - k, 0)]))
+
+    return jax.lax.fori_loop(0, int(np.searchsorted(grid, t_start)) + 1, hop, z.astype(jnp.float32))
+
+
 def _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cfg):
     """Eq. 5: c_skip(t) z_t + c_out(t) x0_hat(F(z_t, w, c, t))."""
     out = fn(params, frozen, z_t, t, text, w_emb, added)
