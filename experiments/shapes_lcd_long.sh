@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The shapes LCD (configs/shapes_lcd.py) for a wall-clock budget instead of 600 steps, then its
+# The shapes LCD (configs/shapes_lcd.py) for a wall-clock budget instead of its 1200 steps (the
+# cosine schedule then spans 10M steps: the learning rate stays at its peak), then its
 # quality over training: does the student keep converging to the teacher's ODE past the demo's
 # CPU budget, and do its 1-8 step samples follow? Meant for one GPU.
 #   bash experiments/shapes_lcd_long.sh WORKDIR SECONDS [--config.key=value ...]
