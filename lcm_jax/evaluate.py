@@ -287,15 +287,21 @@ class QualityRow:
     seconds: float       # wall time to sample every prompt (after the first compile)
 
 
+def _padded_chunks(prompts: Sequence[str], batch: int):
+    """(i, chunk) of `batch` prompts each, the last padded with its last prompt (one shape per
+    compile); chunk i samples from seed + i."""
+    for i, s in enumerate(range(0, len(prompts), batch)):
+        chunk = list(prompts[s:s + batch])
+        yield i, chunk + [chunk[-1]] * (batch - len(chunk))
+
+
 def generate(pipe, prompts: Sequence[str], sampler: str, steps: int, guidance: float,
              seed: int = 0, batch: int = 100, size: int = 64) -> np.ndarray:
     """Images for `prompts` in fixed-size batches; batch i draws its latents from seed + i, so
     every sampler sees the same starting noise. Only the UNet and VAE calls are compiled
     (compile='model'), once for every sampler and step count."""
     out = []
-    for i, s in enumerate(range(0, len(prompts), batch)):
-        chunk = list(prompts[s:s + batch])
-        chunk += [chunk[-1]] * (batch - len(chunk))  # one shape per compile
+    for i, chunk in _padded_chunks(prompts, batch):
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size,
                         width=size, seed=seed + i, sampler=sampler, compile="model"))
     return np.concatenate(out)[:len(prompts)]
@@ -328,9 +334,7 @@ def oracle_generate(pipe, prompts: Sequence[str], steps: int, guidance: float, s
         teacher_fn, frozen, cond, z, t, guidance - 1.0, schedule, num_ddim)) for t in ts}
     decode = pipe._jitted_parts[1]
     out = []
-    for i, s in enumerate(range(0, len(prompts), batch)):
-        chunk = list(prompts[s:s + batch])
-        chunk += [chunk[-1]] * (batch - len(chunk))
+    for i, chunk in _padded_chunks(prompts, batch):
         text, pooled = pipe.encode_prompt(chunk)
         if pooled is not None:
             raise ValueError("oracle_generate supports pipelines without pooled text embeddings (not SDXL)")

@@ -299,9 +299,10 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
     decay = ema_decay(config)
 
     def grads_of(params, target, frozen, batch, rng):
+        if not has_target or target is None:  # no EMA kept (ema_decay 0): the current student
+            target = params                   # is the target; the loss stops its gradient
         def f(p):
-            # ema_decay 0 keeps no EMA: the target is the current student (no gradient), as iCT.
-            loss, _ = loss_fn(p, target if has_target and target is not None else params, frozen, batch, rng)
+            loss, _ = loss_fn(p, target, frozen, batch, rng)
             return loss
         return jax.value_and_grad(f)(params)
 

@@ -127,11 +127,10 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
         model_pred = f_theta(student_fn, params, frozen, z_start, t_start, text, w_emb, added)
         # 5. ONE ODE SOLVER STEP t_{n+k} -> t_n on the w-augmented PF-ODE (Eq. 9).
         if cfg.solver == "data":  # LCF: the data's own estimate, x0 = z and eps = the noise drawn.
-            x0_hat, eps_hat = z, eps
+            z_end = schedules.ddim_step(z_start, eps, z, a_start, _bcast(abar[t_end]))
         else:
-            x0_hat, eps_hat = _teacher_cfg(teacher_fn, frozen, z_start, t_start, text, batch, w,
-                                           abar, pred_type)
-        z_end = schedules.ddim_step(z_start, eps_hat, x0_hat, a_start, _bcast(abar[t_end]))
+            z_end = _teacher_ddim_step(teacher_fn, frozen, z_start, t_start, t_end, batch, w, abar,
+                                       pred_type)
         z_end = jax.lax.stop_gradient(z_end)
         # 6. TARGET f_theta-(z^Psi_{t_n}, w, c, t_n), no gradient.
         target = jax.lax.stop_gradient(
@@ -188,10 +187,8 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
         def hop(i, zc):  # grid index n = top - i, every chain that has started takes the step
             n = top - i
             t = jnp.full((b * s,), grid[n])
-            x0_t, eps_t = _teacher_cfg(teacher_fn, frozen, zc, t, tiled["prompt_embeds"], tiled, ws,
-                                       abar, pred_type)
-            z_prev = schedules.ddim_step(zc, eps_t, x0_t, _bcast(abar[t]),
-                                         _bcast(abar[jnp.maximum(t - k, 0)]))
+            z_prev = _teacher_ddim_step(teacher_fn, frozen, zc, t, jnp.maximum(t - k, 0), tiled, ws,
+                                        abar, pred_type)
             return jnp.where((n <= n_of)[:, None, None, None], z_prev, zc)
 
         endpoint = jax.lax.fori_loop(0, top + 1, hop, z_s)
@@ -219,9 +216,8 @@ def teacher_chain_endpoint(teacher_fn: ModelFn, frozen, batch: dict, z: jax.Arra
 
     def hop(i, zc):
         t = jnp.full((b,), t_start - i * k)
-        x0, eps = _teacher_cfg(teacher_fn, frozen, zc, t, batch["prompt_embeds"], batch, ws, abar,
-                               schedule.prediction_type)
-        return schedules.ddim_step(zc, eps, x0, _bcast(abar[t]), _bcast(abar[jnp.maximum(t - k, 0)]))
+        return _teacher_ddim_step(teacher_fn, frozen, zc, t, jnp.maximum(t - k, 0), batch, ws, abar,
+                                  schedule.prediction_type)
 
     return jax.lax.fori_loop(0, int(np.searchsorted(grid, t_start)) + 1, hop, z.astype(jnp.float32))
 
@@ -233,6 +229,13 @@ def _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cf
     c_skip, c_out = schedules.scalings_for_boundary_conditions(
         t, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
     return _bcast(c_skip) * z_t + _bcast(c_out) * x0
+
+
+def _teacher_ddim_step(teacher_fn, frozen, z_t, t, t_prev, batch, w, abar, pred_type):
+    """One DDIM step t -> t_prev of the teacher on the w-augmented PF-ODE (Eq. 9): the step LCD
+    solves per example and the endpoint chains repeat."""
+    x0, eps = _teacher_cfg(teacher_fn, frozen, z_t, t, batch["prompt_embeds"], batch, w, abar, pred_type)
+    return schedules.ddim_step(z_t, eps, x0, _bcast(abar[t]), _bcast(abar[t_prev]))
 
 
 def _teacher_cfg(teacher_fn, frozen, z_t, t, text, batch, w, abar, pred_type):
