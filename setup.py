@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Latent Consistency Model distillation and few-step sampling in JAX/Flax",
     packages=find_packages(include=["lcm_jax", "lcm_jax.*"]),
-    package_data={"lcm_jax": ["assets/**/*"]},
+    package_data={"lcm_jax.worlds.shapes": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

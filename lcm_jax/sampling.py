@@ -281,3 +281,28 @@ def cfg_model_fn(model_fn_uncond_cond: ModelFn, guidance_scale) -> ModelFn:
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
     return model_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# By name
+# ---------------------------------------------------------------------------------------------
+
+_BY_NAME = {
+    "lcm": lambda f, x, s, ts, rng, gamma, noises, debug: lcm_sample(f, x, s, ts, rng, noises=noises,
+                                                                     debug=debug),
+    "tcd": lambda f, x, s, ts, rng, gamma, noises, debug: tcd_sample(f, x, s, ts, rng, gamma=gamma,
+                                                                     noises=noises, debug=debug),
+    "ddim": lambda f, x, s, ts, rng, gamma, noises, debug: ddim_sample(f, x, s, ts, debug=debug),
+    "dpm": lambda f, x, s, ts, rng, gamma, noises, debug: dpm_solver_pp_sample(f, x, s, ts, debug=debug),
+}
+SAMPLERS = tuple(_BY_NAME)
+
+
+def sample(sampler: str, model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps,
+           rng: Optional[jax.Array] = None, *, gamma: float = 0.3,
+           noises: Optional[jax.Array] = None, debug: bool = False) -> jax.Array:
+    """The final latents of sampler `sampler` ('lcm', 'tcd', 'ddim' or 'dpm'); `rng`, `noises`
+    (LCM, TCD) and `gamma` (TCD) go to the samplers that use them."""
+    if sampler not in _BY_NAME:
+        raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
+    return _BY_NAME[sampler](model_fn, latents, schedule, timesteps, rng, gamma, noises, debug)

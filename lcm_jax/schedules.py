@@ -346,3 +346,26 @@ def dpm_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
     ac = schedule.alphas_cumprod
     sigmas = np.sqrt((np.float32(1) - ac) / ac)
     return np.concatenate([sigmas[np.asarray(timesteps)], [0.0]]).astype(np.float32)
+
+
+def sampler_timesteps(sampler: str, num_inference_steps: int, scheduler_config: dict,
+                      num_train_timesteps: int, original_inference_steps: Optional[int] = None,
+                      timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The timesteps a pipeline's sampler runs, as diffusers' schedulers pick them from the
+    pipeline's scheduler config. LCM picks from the skipping-step grid of
+    `original_inference_steps` (None: the config's, else 50, as diffusers)."""
+    T, sc = num_train_timesteps, scheduler_config
+    if original_inference_steps is None:
+        original_inference_steps = int(sc.get("original_inference_steps", 50))
+    if sampler == "lcm":
+        return lcm_timesteps(None if timesteps else num_inference_steps, original_inference_steps, T,
+                             timesteps=timesteps)
+    if sampler == "tcd":
+        # TCDPipeline's default: pick from the model's 50-step grid (an explicit
+        # original_inference_steps would switch TCD to all T training steps).
+        return tcd_timesteps(None if timesteps else num_inference_steps, None, T, timesteps=timesteps)
+    if sampler == "ddim":
+        return ddim_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "leading"),
+                              steps_offset=sc.get("steps_offset", 0))
+    return dpm_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "linspace"),
+                         steps_offset=sc.get("steps_offset", 0))

@@ -14,9 +14,9 @@ from lcm_jax import sharding, train
 
 def one_step(config, mesh):
     s = train.setup(config, mesh)
-    batch = sharding.shard_batch(s["source"].batch(0), mesh)
-    state, metrics = s["step_fn"](s["state"], s["frozen"], batch)
-    return state, metrics, s["state_sh"]
+    batch = sharding.shard_batch(s.source.batch(0), mesh)
+    state, metrics = s.step_fn(s.state, s.frozen, batch)
+    return state, metrics, s.state_sh
 
 
 def main(method: str):

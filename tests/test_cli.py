@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +160,10 @@ def test_export_lcd_writes_the_target_unet(run_dir, tmp_path):
     t = np.array([499], np.int32)
     ctx = rng.standard_normal((1, 8, 32)).astype(np.float32)
     w = rng.standard_normal((1, 32)).astype(np.float32)
-    config = cli.load_run_config(run_dir)
-    module, _ = cli.student_and_shapes(config)
+    from lcm_jax.training.checkpoints import load_run_config
+    from lcm_jax.training.models import student_shapes
+
+    module, _ = student_shapes(load_run_config(run_dir))
     ours = np.asarray(module.apply({"params": ckpt["target_params"]}, jnp.asarray(x), jnp.asarray(t),
                                    jnp.asarray(ctx), timestep_cond=jnp.asarray(w)))
     tunet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
@@ -184,14 +185,12 @@ def _lora_for(unet_params, rank: int = 4):
 
 
 def test_export_lora_round_trips(folder, tmp_path):
-    import ml_collections
+    from lcm_jax.convert.export import LORA_FILE, export_lora
     from lcm_jax.convert.lora import load_lora
     _, params = lcm_jax.load_unet(os.path.join(folder, "unet"))
     lora = _lora_for(params)
-    config = ml_collections.ConfigDict({"lora": {"rank": 4, "alpha": 8.0}})
-    state = types.SimpleNamespace(params=lora)
-    path = cli._export_lora(config, state, str(tmp_path / "lora"))
-    assert path == str(tmp_path / "lora" / cli.LORA_FILE)
+    path = export_lora(lora, 8.0 / 4, str(tmp_path / "lora"))
+    assert path == str(tmp_path / "lora" / LORA_FILE)
     loaded, scale = load_lora(path, params)  # PEFT files carry no alpha: alpha/rank is in `up`
     assert scale == 1.0
     want, got = traverse_util.flatten_dict(lora), traverse_util.flatten_dict(loaded)
@@ -217,13 +216,11 @@ def test_sample_with_lora_changes_the_images(folder, tmp_path):
 
 def test_export_with_teacher_folder_is_a_complete_pipeline(folder, tmp_path):
     """A run distilled from a pipeline folder exports a folder that `lcm-jax sample` takes."""
-    import ml_collections
+    from lcm_jax.convert.export import export_pipeline
 
     unet, params = lcm_jax.load_unet(os.path.join(folder, "unet"))
-    config = ml_collections.ConfigDict({"method": "lcd", "model": {"teacher": folder},
-                                        "loss": {"num_ddim_timesteps": 50, "timestep_scaling": 10.0}})
     out = tmp_path / "exported"
-    cli.export_unet_pipeline(params, unet.config, config, str(out))
+    export_pipeline(params, unet.config, str(out), folder, lcm_grid=(50, 10.0))
     assert sorted(os.listdir(out)) == sorted(os.listdir(folder))
     with open(out / "model_index.json") as f:
         index = json.load(f)
@@ -243,12 +240,11 @@ def test_export_bad_workdir(tmp_path, capsys):
 
 
 def test_lcm_scheduler_config_from_teacher():
-    import ml_collections
+    from lcm_jax.convert.export import lcm_scheduler_config
 
-    config = ml_collections.ConfigDict({"loss": {"num_ddim_timesteps": 50, "timestep_scaling": 10.0}})
     pndm = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "skip_prk_steps": True, "steps_offset": 1}
-    out = cli.lcm_scheduler_config(pndm, config)
+    out = lcm_scheduler_config(pndm, 50, 10.0)
     assert out == {"_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "steps_offset": 1,
                    "original_inference_steps": 50, "timestep_scaling": 10.0}

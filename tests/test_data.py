@@ -1,6 +1,5 @@
 """Training inputs: image folders with metadata.jsonl, step-addressed batches, process shards."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -81,14 +80,33 @@ def test_empty_source_is_an_error():
         sources.ImageCaptionSource(lambda i: None, 0, 4, _tokenize, name="my/filtered/set")
 
 
-def test_shapes_source_reads_the_world():
-    read, n = sources.shapes_examples(seed=0, length=100)
-    image, caption = read(7)
-    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+def test_shapes_source_is_registered_by_its_world_and_reads_it():
+    import ml_collections
+
+    import lcm_jax.worlds.shapes  # noqa: F401  (registers 'shapes')
+    from lcm_jax.worlds.shapes.world import ShapesWorld
+
+    assert {"synthetic", "folder", "shapes"} <= set(sources.source_names())
+    cfg = ml_collections.ConfigDict({"seed": 0, "batch_size": 4, "data": {
+        "source": "shapes", "world_seed": 0, "num_examples": 100}})
+    src = sources.make_source(cfg, lambda caps: np.zeros((len(caps), 3), np.int32))
+    batch = src.examples([7])
+    image, caption, _ = ShapesWorld(0).sample(7)
+    np.testing.assert_allclose(batch["pixel_values"][0], image.astype(np.float32) / 127.5 - 1.0)
     assert caption.startswith("a ") and "background" in caption
 
 
-def test_latent_cache_serves_encoded_batches_and_is_reused_under_the_same_key(folder):
+def test_unknown_source_names_the_registered_ones():
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"data": {"source": "webdatset"}})
+    with pytest.raises(ValueError, match=r"data.source='webdatset' unknown; choose one of \(.*'folder'"):
+        sources.make_source(cfg)
+
+
+def test_latent_cache_serves_encoded_batches_and_is_reused_from_the_callers_store(folder):
+    from lcm_jax.data import LatentCache
+
     calls = []
 
     def encode(raw):
@@ -96,14 +114,16 @@ def test_latent_cache_serves_encoded_batches_and_is_reused_under_the_same_key(fo
         return {"latents": raw["pixel_values"][:, :4, :4] * 2.0, "ids": raw["input_ids"]}
 
     src = _source(folder, batch=4)
-    cache = sources.LatentCache(src, encode, size=8, chunk=3, log=lambda _: None, reuse_key="k")
+    store = {}
+    cache = LatentCache(src, encode, size=8, chunk=3, log=lambda _: None, store=store, key="k")
     assert calls == [3, 3, 2]                       # the first 8 examples, in chunks
     raw = src.examples(range(8))
     np.testing.assert_array_equal(cache.arrays["latents"], raw["pixel_values"][:, :4, :4] * 2.0)
     assert cache.batch(1)["latents"].shape == (4, 4, 4, 3)
-    again = sources.LatentCache(src, encode, size=8, log=lambda _: None, reuse_key="k")
+    again = LatentCache(src, encode, size=8, log=lambda _: None, store=store, key="k")
     assert calls == [3, 3, 2]                       # same key and size: nothing encoded
     np.testing.assert_array_equal(again.batch(1)["ids"], cache.batch(1)["ids"])
-    sources.LatentCache(src, encode, size=8, log=lambda _: None, reuse_key="other")
-    sources.LatentCache(src, encode, size=6, log=lambda _: None, reuse_key="other")
-    assert calls == [3, 3, 2, 8, 6]                 # a new key or size encodes again
+    LatentCache(src, encode, size=8, log=lambda _: None, store=store, key="other")
+    LatentCache(src, encode, size=6, log=lambda _: None, store=store, key="other")
+    LatentCache(src, encode, size=8, log=lambda _: None, key="k")
+    assert calls == [3, 3, 2, 8, 6, 8]              # a new key or size, or no store: encoded again

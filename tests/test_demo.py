@@ -1,12 +1,12 @@
 """The LCM paper's claim at the shapes world's scale, on the shipped teacher after a short
 distillation: few-step LCM sampling beats few-step DDIM / DPM-Solver++ and is close to the
-teacher's 50 DDIM steps. Runs the demo's own code path (lcm_jax.demo.run) with fewer steps."""
+teacher's 50 DDIM steps. Runs the demo's own code path (lcm_jax.worlds.shapes.demo.run) with fewer steps."""
 import os
 
 import pytest
 
-from lcm_jax import demo
-from lcm_jax.evaluate import CLASSIFIER_DIR
+from lcm_jax.worlds.shapes import CLASSIFIER_DIR
+from lcm_jax.worlds.shapes import demo
 
 LCD_STEPS = int(os.environ.get("LCM_JAX_TEST_LCD_STEPS", "0"))  # 0: the config's total_steps
 
@@ -25,7 +25,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rows(workdir):
-    from configs.shapes_lcd import get_config
+    from lcm_jax.worlds.shapes.configs.shapes_lcd import get_config
 
     assert os.path.isdir(CLASSIFIER_DIR)
     return demo.run(workdir, lcd_steps=LCD_STEPS or get_config().total_steps, lora_steps=0,
@@ -36,7 +36,7 @@ def test_distillation_brings_one_step_output_to_the_teachers_ode_endpoint(rows, 
     """What LCD does, which the table alone does not show (the undistilled teacher under the LCM
     sampler already meets the 4-step claim): the student's one-step latent error to the end of
     the teacher's CFG ODE chain falls from every start timestep of the 4-step sampler."""
-    from lcm_jax.evaluate import read_endpoint_errors
+    from lcm_jax.evaluation.report import read_endpoint_errors
 
     steps, errors = read_endpoint_errors(os.path.join(workdir, "lcd", "metrics.jsonl"))
     assert steps[0] == 0 and steps[-1] > 0

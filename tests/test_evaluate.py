@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcm_jax import evaluate
+import lcm_jax.worlds.shapes as shapes_world
+from lcm_jax.evaluation import frechet, grids, harness, report
 from lcm_jax.convert.common import WeightsError
-from lcm_jax.data import shapes
+from lcm_jax.worlds.shapes import evaluator as shapes_eval
+from lcm_jax.worlds.shapes import world as shapes
 
 
 def _with_moments(rng, n, mean, cov):
@@ -30,7 +32,7 @@ def test_frechet_distance_closed_form():
     x = _with_moments(rng, 500, m1, q @ np.diag(a) @ q.T)
     y = _with_moments(rng, 700, m2, q @ np.diag(b) @ q.T)
     expected = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert abs(evaluate.frechet_distance(x, y) - expected) <= 1e-8 * expected
+    assert abs(frechet.frechet_distance(x, y) - expected) <= 1e-8 * expected
 
 
 def test_frechet_distance_matches_scipy_on_general_covariances():
@@ -41,25 +43,25 @@ def test_frechet_distance_matches_scipy_on_general_covariances():
     m1, m2 = rng.standard_normal(8), rng.standard_normal(8)
     ref = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
            - 2 * np.trace(linalg.sqrtm(s1 @ s2).real))
-    ours = evaluate.frechet_distance_from_stats(m1, s1, m2, s2)
+    ours = frechet.frechet_distance_from_stats(m1, s1, m2, s2)
     assert abs(ours - ref) <= 1e-7 * abs(ref)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     feats = np.random.default_rng(2).standard_normal((300, 32)) * 3 + 1
-    assert evaluate.frechet_distance(feats, feats) < 1e-8 * np.trace(np.cov(feats, rowvar=False))
-    assert evaluate.frechet_distance(feats, feats + 0.5) == pytest.approx(32 * 0.25, rel=1e-8)
+    assert frechet.frechet_distance(feats, feats) < 1e-8 * np.trace(np.cov(feats, rowvar=False))
+    assert frechet.frechet_distance(feats, feats + 0.5) == pytest.approx(32 * 0.25, rel=1e-8)
     with pytest.raises(ValueError, match="differ in width"):
-        evaluate.frechet_distance(feats, feats[:, :4])
+        frechet.frechet_distance(feats, feats[:, :4])
 
 
 @pytest.fixture(scope="module")
 def evaluator():
-    return evaluate.ShapesEvaluator(num_real=500)
+    return shapes_eval.ShapesEvaluator(num_real=500)
 
 
 def test_classifier_reads_real_images_and_not_noise(evaluator):
-    prompts, attrs = evaluate.heldout_prompts(250)
+    prompts, attrs = shapes_eval.heldout_prompts(250)
     images, captions, _ = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(250))
     assert prompts == captions
     real = evaluator(images.astype(np.float32) / 255, prompts)
@@ -72,23 +74,23 @@ def test_classifier_reads_real_images_and_not_noise(evaluator):
 
 
 def test_heldout_prompts_are_fixed_and_parse():
-    prompts, attrs = evaluate.heldout_prompts(20)
-    assert evaluate.heldout_prompts(20)[0] == prompts
-    assert prompts != evaluate.heldout_prompts(20, seed=0)[0]
+    prompts, attrs = shapes_eval.heldout_prompts(20)
+    assert shapes_eval.heldout_prompts(20)[0] == prompts
+    assert prompts != shapes_eval.heldout_prompts(20, seed=0)[0]
     parsed = shapes.stack_attrs([shapes.parse_caption(p) for p in prompts])
     for key in shapes.ATTR_KEYS:
         np.testing.assert_array_equal(parsed[key], attrs[key])
 
 
 def test_cell_targets_round_trip_to_attributes():
-    _, attrs = evaluate.heldout_prompts(500, seed=3)
-    cells = evaluate.attrs_to_cells(attrs)
+    _, attrs = shapes_eval.heldout_prompts(500, seed=3)
+    cells = shapes_eval.attrs_to_cells(attrs)
     assert cells["shape"].shape == (500, 9)
-    back = evaluate.cells_to_attrs(cells)
+    back = shapes_eval.cells_to_attrs(cells)
     for key in shapes.ATTR_KEYS:
         np.testing.assert_array_equal(back[key], attrs[key])
     cells["shape"][:, :] = 0                                   # a shape in every cell
-    assert (evaluate.cells_to_attrs(cells)["num_shapes"] == 9).all()
+    assert (shapes_eval.cells_to_attrs(cells)["num_shapes"] == 9).all()
 
 
 def test_evaluator_rejects_wrong_image_size(evaluator):
@@ -98,41 +100,41 @@ def test_evaluator_rejects_wrong_image_size(evaluator):
 
 def test_load_classifier_errors(tmp_path):
     with pytest.raises(WeightsError, match="no classifier config"):
-        evaluate.load_classifier(str(tmp_path))
+        shapes_eval.load_classifier(str(tmp_path))
     bad = tmp_path / "bad"
-    shutil.copytree(evaluate.CLASSIFIER_DIR, bad)
+    shutil.copytree(shapes_world.CLASSIFIER_DIR, bad)
     config = json.loads((bad / "config.json").read_text())
     config["features"] = 7
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError,
                        match=r"cell_mlp_0/bias has shape \(128,\), the config needs \(7,\)"):
-        evaluate.load_classifier(str(bad))
+        shapes_eval.load_classifier(str(bad))
 
 
 def test_shipped_classifier_is_small():
-    size = os.path.getsize(os.path.join(evaluate.CLASSIFIER_DIR, "model.safetensors"))
+    size = os.path.getsize(os.path.join(shapes_world.CLASSIFIER_DIR, "model.safetensors"))
     assert size < 2 * 2**20
 
 
 def test_save_grid(tmp_path):
     images = np.random.default_rng(0).uniform(0, 1, (10, 64, 64, 3))
     path = str(tmp_path / "grid.png")
-    assert evaluate.save_grid(images, path, nrow=4) == (4 * 66 + 2, 3 * 66 + 2)
+    assert grids.save_grid(images, path, nrow=4) == (4 * 66 + 2, 3 * 66 + 2)
     assert Image.open(path).size == (266, 200)
-    size = evaluate.save_grid(images, path, nrow=5, labels=["1 step", "4 steps"])
+    size = grids.save_grid(images, path, nrow=5, labels=["1 step", "4 steps"])
     assert Image.open(path).size == size and size[0] > 5 * 66 + 2 and size[1] == 2 * 66 + 2
     with pytest.raises(ValueError, match="3 labels for 2 rows"):
-        evaluate.save_grid(images, path, nrow=5, labels=["a", "b", "c"])
+        grids.save_grid(images, path, nrow=5, labels=["a", "b", "c"])
 
 
 def test_one_step_distance_to_the_teachers_ode_endpoint():
     from lcm_jax.pipeline import LCMPipeline
 
-    teacher = LCMPipeline.from_pretrained(os.path.join(os.path.dirname(evaluate.CLASSIFIER_DIR),
+    teacher = LCMPipeline.from_pretrained(os.path.join(os.path.dirname(shapes_world.CLASSIFIER_DIR),
                                                        "teacher"))
-    prompts, _ = evaluate.heldout_prompts(5)
+    prompts, _ = shapes_eval.heldout_prompts(5)
     # Two chunks of 4 (the second padded): each prompt keeps the noise row of its own chunk.
-    got = evaluate.one_step_distances([(teacher, 1.0), (teacher, 3.0)], teacher, prompts, 3.0,
+    got = harness.one_step_distances([(teacher, 1.0), (teacher, 3.0)], teacher, prompts, 3.0,
                                       seed=7, batch=4)
     sq = {1.0: [], 3.0: []}
     for i, s in enumerate((0, 4)):
@@ -153,16 +155,16 @@ def test_endpoint_errors_from_metrics(tmp_path):
             {"step": 5, "loss": 0.2},
             {"step": 10, "eval_loss": 0.09, "endpoint_mse/t999": 0.3, "endpoint_mse/t259": 0.01}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps, errors = evaluate.read_endpoint_errors(str(path))
+    steps, errors = report.read_endpoint_errors(str(path))
     assert steps == [0, 10] and errors == {999: [0.4, 0.3], 259: [0.02, 0.01]}
     assert list(errors) == [999, 259]
-    md = evaluate.endpoint_markdown(steps, errors)
+    md = report.endpoint_markdown(steps, errors)
     assert "| 10 | 0.3000 | 0.0100 |" in md and "from t=999" in md
-    evaluate.plot_endpoint_errors(steps, errors, str(tmp_path / "endpoint.png"))
+    report.plot_endpoint_errors(steps, errors, str(tmp_path / "endpoint.png"))
     assert (tmp_path / "endpoint.png").stat().st_size > 1000
     (tmp_path / "none.jsonl").write_text(json.dumps({"step": 5, "loss": 0.2}) + "\n")
     with pytest.raises(ValueError, match="none.jsonl has no endpoint_mse"):
-        evaluate.read_endpoint_errors(str(tmp_path / "none.jsonl"))
+        report.read_endpoint_errors(str(tmp_path / "none.jsonl"))
 
 
 def test_oracle_lcm_one_step_is_diffusers_ddim_on_the_skipping_grid(tmp_path):
@@ -173,7 +175,7 @@ def test_oracle_lcm_one_step_is_diffusers_ddim_on_the_skipping_grid(tmp_path):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from lcm_jax.evaluate import oracle_generate
+    from lcm_jax.evaluation.harness import oracle_generate
     from lcm_jax.pipeline import LCMPipeline
     from tiny_pipeline import build_pipeline
 

@@ -87,17 +87,19 @@ def test_new_process_samples_from_the_stored_pipeline_program(tmp_path):
         "import json, sys, jax, numpy as np\n"
         "sys.path.insert(0, %r)\n"
         "from lcm_jax.models.unet import UNet2DConditionModel\n"
+        "from lcm_jax.compilation import enable_compilation_cache\n"
         "from lcm_jax.pipeline import LCMPipeline\n"
         "calls, call = [], UNet2DConditionModel.__call__\n"
         "UNet2DConditionModel.__call__ = lambda *a, **k: calls.append(1) or call(*a, **k)\n"
-        "pipe = LCMPipeline.from_pretrained(%r, cache_dir=%r)\n"
+        "cache = enable_compilation_cache(%r)\n"
+        "pipe = LCMPipeline.from_pretrained(%r, executables_dir=cache + '/executables')\n"
         "calls.clear()  # loading traces the UNet once for its shapes (jax.eval_shape)\n"
         "img = pipe(['a red circle', 'a blue star'], num_inference_steps=2, height=64, width=64, seed=3)\n"
         "np.save(sys.argv[1], img)\n"
         "e = pipe._executables\n"
         "print(json.dumps({'unet_traces': len(calls), 'loaded': e.loaded, 'compiled': e.compiled}))\n"
-    ) % (os.path.join(ROOT, "tests"), folder, cache)
-    env = {**os.environ, "LCM_JAX_STORE_EXECUTABLES": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ) % (os.path.join(ROOT, "tests"), cache, folder)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = []
     for i in range(2):
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"img{i}.npy")], cwd=ROOT,

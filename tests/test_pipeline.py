@@ -19,7 +19,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(folder, tmp_path_factory):
-    return LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path_factory.mktemp("xla")))
+    return LCMPipeline.from_pretrained(folder[0])
 
 
 def _torch_reference(tpipe, steps, latents_nhwc, seed):
@@ -33,15 +33,20 @@ def _torch_reference(tpipe, steps, latents_nhwc, seed):
     return out.images, np.stack(noises)
 
 
+def _assert_matches(pipe, tpipe, steps: int, latent_size: int) -> None:
+    """64x64 images from the same latents and re-noising draws, within 1e-3 of diffusers'."""
+    latents = np.random.default_rng(steps).standard_normal((2, latent_size, latent_size, 4))
+    ref, noises = _torch_reference(tpipe, steps, latents.astype(np.float32), seed=steps)
+    ours = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=8.5, height=64, width=64,
+                latents=latents.astype(np.float32), noises=noises)
+    assert ours.shape == ref.shape == (2, 64, 64, 3)
+    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_matches_diffusers(folder, pipe, steps):
     tpipe = folder[1]
-    latents = np.random.default_rng(steps).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    ref, noises = _torch_reference(tpipe, steps, latents, seed=steps)
-    ours = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=8.5, height=64, width=64,
-                latents=latents, noises=noises)
-    assert ours.shape == ref.shape == (2, 64, 64, 3)
-    assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+    _assert_matches(pipe, tpipe, steps, latent_size=8)
 
 
 def test_seeded_and_jit_equals_debug(pipe):
@@ -82,7 +87,7 @@ def test_lora_fused_equals_unfused(folder, tmp_path):
     from lcm_jax.convert.lora import save_lora_peft
     from lcm_jax.models import lora as lora_lib
 
-    fused = LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path / "xla"))
+    fused = LCMPipeline.from_pretrained(folder[0])
     factors = lora_lib.init_lora(jax.random.PRNGKey(0), fused.unet_params, rank=2)
     factors = jax.tree.map(lambda x: x + 0.05, factors)  # nonzero `up`: the LoRA changes the UNet
     path = str(tmp_path / "lora.safetensors")
@@ -90,7 +95,7 @@ def test_lora_fused_equals_unfused(folder, tmp_path):
     args = dict(num_inference_steps=2, height=64, width=64, seed=1)
     plain = fused(PROMPTS[:1], **args)
     fused.load_lora_weights(path, fuse=True)
-    unfused = LCMPipeline.from_pretrained(folder[0], cache_dir=str(tmp_path / "xla"))
+    unfused = LCMPipeline.from_pretrained(folder[0])
     unfused.load_lora_weights(path, fuse=False)
     a, b = fused(PROMPTS[:1], **args), unfused(PROMPTS[:1], **args)
     assert np.abs(a - plain).max() > 1e-3
@@ -101,15 +106,31 @@ def test_lora_fused_equals_unfused(folder, tmp_path):
 def test_lcm_steps_come_from_the_scheduler_configs_grid(pipe, grid):
     from diffusers import LCMScheduler
 
-    config = {**pipe.c.scheduler_config, "original_inference_steps": grid}
+    config = {**pipe.components.scheduler_config, "original_inference_steps": grid}
     ref = LCMScheduler.from_config(config)
     ref.set_timesteps(4)
-    old = pipe.c.scheduler_config
-    pipe.c.scheduler_config = config
+    old = pipe.components.scheduler_config
+    pipe.components.scheduler_config = config
     try:
         np.testing.assert_array_equal(pipe.timesteps("lcm", 4), ref.timesteps.numpy())
         ref.set_timesteps(4, original_inference_steps=50)
         np.testing.assert_array_equal(pipe.timesteps("lcm", 4, original_inference_steps=50),
                                       ref.timesteps.numpy())
     finally:
-        pipe.c.scheduler_config = old
+        pipe.components.scheduler_config = old
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_vae_downsampling_by_2_gives_the_requested_size(tmp_path_factory, steps):
+    """diffusers' own LCM pipeline test components: their VAE downsamples by 2 (vae_scale_factor
+    from block_out_channels), so 64x64 images start from 32x32 latents, as in diffusers."""
+    from tiny_pipeline import build_diffusers_test_pipeline
+
+    path = str(tmp_path_factory.mktemp("factor2"))
+    tpipe = build_diffusers_test_pipeline(path)
+    ours = LCMPipeline.from_pretrained(path)
+    assert ours.vae_factor == tpipe.vae_scale_factor == 2
+    _assert_matches(ours, tpipe, steps, latent_size=32)
+    assert ours(PROMPTS[:1], num_inference_steps=1, height=48, width=80).shape == (1, 48, 80, 3)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        ours(PROMPTS[:1], num_inference_steps=1, height=63, width=64)

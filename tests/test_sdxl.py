@@ -19,7 +19,7 @@ PROMPTS = ["a red circle", "a big blue star"]
 def lcm(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sdxl_lcm"))
     tpipe = build_sdxl_pipeline(path, time_cond_proj_dim=32, scheduler="lcm")
-    return tpipe, LCMPipeline.from_pretrained(path, cache_dir=str(tmp_path_factory.mktemp("xla")))
+    return tpipe, LCMPipeline.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_lcm_matches_diffusers(lcm, steps):
 def test_cfg_ddim_matches_diffusers(teacher, tmp_path, negative_prompt):
     """No negative prompt: zeros for embeddings and pooled (force_zeros_for_empty_prompt)."""
     folder, tpipe = teacher
-    pipe = LCMPipeline.from_pretrained(folder, cache_dir=str(tmp_path))
-    assert pipe.c.force_zeros_for_empty_prompt
+    pipe = LCMPipeline.from_pretrained(folder)
+    assert pipe.components.force_zeros_for_empty_prompt
     latents = _latents(7)
     ref = tpipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
                 latents=_nchw(latents), negative_prompt=negative_prompt, output_type="np").images
@@ -99,15 +99,16 @@ def _lcd_config(teacher_folder, data):
 def test_lcd_encode_matches_diffusers_conditioning(teacher, tmp_path):
     """make_encode's SDXL batch: diffusers' prompt embeds and pooled embeds, zeros for uncond,
     and time_ids (resolution, resolution, 0, 0, resolution, resolution)."""
-    from lcm_jax import train
+    from lcm_jax.training import models as tm
+    from lcm_jax.training.step import make_encode
 
     folder, tpipe = teacher
     config = _lcd_config(folder, _image_folder(tmp_path / "images"))
-    models = train.build_models(config)
-    ids = train.tokenize_fn(models)(PROMPTS)
-    frozen = {**models.frozen, "uncond_embeds": train.uncond_embeds(models)}
+    models = tm.build_models(config)
+    ids = tm.tokenize_fn(models)(PROMPTS)
+    frozen = {**models.frozen, "uncond_embeds": tm.uncond_embeds(models)}
     batch = {"latents": np.zeros((2, 8, 8, 4), np.float32), "input_ids": ids}
-    out = train.make_encode(config, models)(frozen, batch, jax.random.PRNGKey(0))
+    out = make_encode(config, models)(frozen, batch, jax.random.PRNGKey(0))
     with torch.no_grad():
         ref, _, ref_pooled, _ = tpipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
     np.testing.assert_allclose(out["prompt_embeds"], ref.numpy(), atol=1e-5 * np.abs(ref.numpy()).max())
@@ -133,15 +134,15 @@ def test_random_sdxl_teacher_initialises():
     and the student's parameters are exactly unet_shapes' tree."""
     from tiny_sdxl import UNET
 
-    from lcm_jax import train
     from lcm_jax.convert.unet import unet_shapes
     from lcm_jax.defaults import base_config
+    from lcm_jax.training import models as tm
 
     c = base_config()
     c.model.unet = {k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()}
     c.model.time_cond_proj_dim = 32
     c.data.latent_size, c.data.text_len = 8, 16
-    models = train.build_models(c)
+    models = tm.build_models(c)
     want = jax.tree.map(lambda s: s.shape, unet_shapes(models.unet))
     assert jax.tree.map(np.shape, models.init_params) == want
     assert "add_embedding" in models.init_params and "cond_proj" in models.init_params["time_embedding"]

@@ -1,15 +1,13 @@
 """The shapes world: determinism, captions that say what the pixels show, the tokenizer."""
 import json
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lcm_jax.data import shapes
+from lcm_jax.worlds.shapes import world as shapes
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(shapes.__file__), "..", "assets", "shapes",
-                             "tokenizer")
+from lcm_jax.worlds.shapes import TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
-"""The shipped shapes teacher (lcm_jax/assets/shapes/teacher): diffusers loads it, its UNet, text
+"""The shipped shapes teacher (lcm_jax/worlds/shapes/assets/teacher): diffusers loads it, its UNet, text
 encoder and VAE match lcm-jax on the same inputs, and 50-step DDIM with CFG follows the prompts.
 Also the VAE loss against its formula and the build tool's errors."""
-import importlib.util
 import os
 
 import jax
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lcm_jax.losses.autoencoder import make_autoencoder_loss, reconstruction_error
+from lcm_jax.worlds.shapes.autoencoder_loss import make_autoencoder_loss, reconstruction_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER = os.path.join(ROOT, "lcm_jax", "assets", "shapes", "teacher")
+from lcm_jax.worlds.shapes import TEACHER_DIR as TEACHER
 # 50-step DDIM, CFG GUIDANCE, 32 held-out prompts. The shipped teacher (README.md, 256 prompts:
 # prompt accuracy 0.316, background 1.0, position 0.98, colour 0.60, shape 0.52) measured on
 # these 32: prompt accuracy 0.281, background 1.0, position 1.0, colour 0.531 (chance about
@@ -37,7 +35,7 @@ def _nchw(x) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def jax_parts():
-    from lcm_jax.pipeline import load_components
+    from lcm_jax.components import load_components
     return load_components(TEACHER)
 
 
@@ -47,7 +45,7 @@ def test_folder_is_small_and_complete():
                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
                  "text_encoder/config.json", "text_encoder/model.safetensors",
                  "tokenizer/vocab.json", "scheduler/scheduler_config.json", "README.md"):
-        assert name in files, f"{TEACHER} lacks {name}; rebuild with tools/build_shapes_teacher.py"
+        assert name in files, f"{TEACHER} lacks {name}; rebuild with lcm_jax/worlds/shapes/build_teacher.py"
     size = sum(os.path.getsize(os.path.join(TEACHER, f)) for f in files)
     assert size < 20e6, f"teacher folder is {size / 1e6:.1f} MB"
 
@@ -83,7 +81,7 @@ def test_diffusers_pipeline_matches_lcm_jax(jax_parts):
 
 
 def test_teacher_ddim_follows_heldout_prompts():
-    from lcm_jax.evaluate import ShapesEvaluator, heldout_prompts
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
     from lcm_jax.pipeline import LCMPipeline
 
     prompts, _ = heldout_prompts(NUM_PROMPTS)
@@ -122,7 +120,7 @@ def test_autoencoder_loss_is_reconstruction_plus_beta_kl():
 def test_foreground_weighted_reconstruction():
     """Pixels off the border's median colour weigh `foreground_weight`; the error is their
     weighted mean, equal to a numpy computation; weight 1 is the plain loss."""
-    from lcm_jax.losses.autoencoder import foreground_weights
+    from lcm_jax.worlds.shapes.autoencoder_loss import foreground_weights
     from lcm_jax.models.vae import AutoencoderKL
 
     x = np.full((2, 8, 8, 3), -0.5, np.float32)
@@ -147,9 +145,7 @@ def test_foreground_weighted_reconstruction():
 
 
 def test_build_tool_names_missing_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "build_shapes_teacher", os.path.join(ROOT, "tools", "build_shapes_teacher.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from lcm_jax.worlds.shapes import build_teacher as tool
+
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*train the teacher first"):
         tool.final_unet_params(str(tmp_path))

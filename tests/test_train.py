@@ -110,20 +110,18 @@ def test_resume_after_kill_matches_uninterrupted(full_run, tmp_path):
 
 
 def test_restore_run_reads_the_chosen_checkpoint(full_run):
-    """cli.restore_run: the latest by default, any kept step on request, a missing one refused
-    with the steps that exist (tools/eval_checkpoints.py walks a run this way)."""
-    from lcm_jax.cli import CliError, load_run_config, restore_run
+    """training.checkpoints.restore: the latest by default, any kept step on request, a missing one
+    refused with the steps that exist (the shapes world's eval_checkpoints walks a run this way)."""
+    from lcm_jax.training.checkpoints import RunError, restore
 
     workdir = full_run[0]
-    config = load_run_config(workdir)
-    _, latest = restore_run(config, workdir)
-    _, s40 = restore_run(config, workdir, step=40)
+    latest, s40 = restore(workdir).state, restore(workdir, step=40).state
     assert int(latest.step) == 50 and int(s40.step) == 40
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(latest.params), jax.tree.leaves(s40.params))]
     assert max(diffs) > 0  # ten optimizer steps apart
-    with pytest.raises(CliError, match=r"no step 7; it holds \[30, 40, 50\]"):
-        restore_run(config, workdir, step=7)
+    with pytest.raises(RunError, match=r"no step 7; it holds \[30, 40, 50\]"):
+        restore(workdir, step=7)
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -200,9 +198,9 @@ def test_diffusion_training_keeps_an_exact_weight_ema():
         config = get_config("diffusion")
         config.diffusion_ema_decay = decay
         s = train.setup(config, sharding.make_mesh(1, 1))
-        state, history = s["state"], [jax.device_get(s["state"].params)]
+        state, history = s.state, [jax.device_get(s.state.params)]
         for i in range(steps):
-            state, _ = s["step_fn"](state, s["frozen"], s["source"].batch(i))
+            state, _ = s.step_fn(state, s.frozen, s.source.batch(i))
             history.append(jax.device_get(state.params))
         return jax.device_get(state), history
 
@@ -223,20 +221,20 @@ def test_diffusion_training_keeps_an_exact_weight_ema():
 def test_new_w_embedding_leaves_zeros_or_torch_linear_default():
     """The student's cond_proj, absent from the teacher: zeros, or U(+-1/sqrt(fan_in)) as a
     torch.nn.Linear that diffusers' LCD script leaves at its default; a bad name is refused."""
-    from lcm_jax import train
+    from lcm_jax.training import models
 
     teacher = {"time_embedding": {"linear_1": {"kernel": np.ones((8, 16), np.float32)}}}
     shapes = {"time_embedding": {"linear_1": {"kernel": jax.ShapeDtypeStruct((8, 16), np.float32)},
                                  "cond_proj": {"kernel": jax.ShapeDtypeStruct((64, 8), np.float32)}}}
-    zeros = train._with_new_leaves(teacher, shapes, "zeros")
+    zeros = models._with_new_leaves(teacher, shapes, "zeros")
     assert not np.any(zeros["time_embedding"]["cond_proj"]["kernel"])
     np.testing.assert_array_equal(zeros["time_embedding"]["linear_1"]["kernel"], 1.0)
-    k = train._with_new_leaves(teacher, shapes, "uniform", seed=3)["time_embedding"]["cond_proj"]["kernel"]
+    k = models._with_new_leaves(teacher, shapes, "uniform", seed=3)["time_embedding"]["cond_proj"]["kernel"]
     assert k.shape == (64, 8) and k.dtype == np.float32
     assert np.abs(k).max() <= 1 / 8 and np.abs(k).max() > 0.9 / 8  # bound 1/sqrt(64)
     assert abs(float(np.std(k)) - (1 / 8) / np.sqrt(3)) < 0.01      # uniform's std
     with pytest.raises(ValueError, match="w_embedding_init must be one of .* got 'normal'"):
-        train._with_new_leaves(teacher, shapes, "normal")
+        models._with_new_leaves(teacher, shapes, "normal")
 
 
 def test_lcd_without_ema_uses_the_current_student_as_target():
@@ -251,9 +249,9 @@ def test_lcd_without_ema_uses_the_current_student_as_target():
         config = get_config()
         config.loss.ema_decay = decay
         s = train.setup(config, sharding.make_mesh(1, 1))
-        state, out = s["state"], []
+        state, out = s.state, []
         for i in range(steps):
-            state, m = s["step_fn"](state, s["frozen"], s["source"].batch(i))
+            state, m = s.step_fn(state, s.frozen, s.source.batch(i))
             out.append(float(m["loss"]))
         return state, out
 

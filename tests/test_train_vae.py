@@ -1,4 +1,4 @@
-"""The shapes world's components trainer (lcm_jax/train_vae.py) and the text encoder pretraining
+"""The shapes world's components trainer (lcm_jax/worlds/shapes/train_vae.py) and the text encoder pretraining
 (lcm_jax/train_text_encoder.py): the caption probe learns what the captions say, and the written
 components folder loads in lcm-jax and in transformers with the same outputs."""
 import json
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from configs import shapes_vae
+from lcm_jax.worlds.shapes.configs import shapes_vae
 from lcm_jax.convert.clip import load_text_encoder, load_tokenizer
-from lcm_jax.data import shapes
+from lcm_jax.worlds.shapes import world as shapes
 from lcm_jax.models.clip import CLIPTextModel
-from lcm_jax.train_text_encoder import caption_batch, pretrain
-from lcm_jax.train_vae import TOKENIZER_DIR, text_encoder_config
+from lcm_jax.worlds.shapes.train_text_encoder import caption_batch, pretrain
+from lcm_jax.worlds.shapes import TOKENIZER_DIR
+from lcm_jax.worlds.shapes.train_vae import text_encoder_config
 
 
 def test_pretraining_teaches_the_encoder_the_captions():
@@ -45,8 +46,8 @@ def test_pretraining_teaches_the_encoder_the_captions():
 def test_tiny_run_writes_a_components_folder_both_libraries_load(tmp_path):
     from transformers import CLIPTextModel as TorchCLIPTextModel
 
-    from lcm_jax import train_vae
-    from lcm_jax.pipeline import load_components
+    from lcm_jax.components import load_components
+    from lcm_jax.worlds.shapes import train_vae
 
     config = shapes_vae.get_config("tiny")
     report = train_vae.run(config, str(tmp_path))
@@ -66,7 +67,7 @@ def test_tiny_run_writes_a_components_folder_both_libraries_load(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
     # Pretraining an existing folder again replaces text_encoder/ in place, still loadable.
-    from lcm_jax.train_text_encoder import rewrite_text_encoder
+    from lcm_jax.worlds.shapes.train_text_encoder import rewrite_text_encoder
     again = rewrite_text_encoder(config, comps)
     assert again["pretrain_steps"] == config.text_encoder.pretrain_steps
     _, params = load_text_encoder(os.path.join(comps, "text_encoder"))

@@ -68,3 +68,36 @@ def build_pipeline(folder: str, time_cond_proj_dim: int | None = 32, seed: int =
                                           feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def build_diffusers_test_pipeline(folder: str):
+    """diffusers' own LatentConsistencyModelPipeline test components (its get_dummy_components):
+    a VAE of two blocks, so it downsamples by 2, not 8; the character tokenizer stands in for the
+    hub's tiny-random-clip. Saved to `folder`; returns the diffusers pipeline."""
+    from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        norm_num_groups=2, time_cond_proj_dim=32)
+    sched = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=64, layer_norm_eps=1e-05,
+        num_attention_heads=8, num_hidden_layers=3, pad_token_id=1, vocab_size=1000))
+    write_char_tokenizer(os.path.join(folder, "tokenizer"))
+    tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tok,
+                                          unet=unet.eval(), scheduler=sched, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-os.environ["LCM_JAX_STORE_EXECUTABLES"] = "1"  # the warm start loads the stored sampler
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -50,8 +49,9 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hid
 
 def write_tokenizer(folder: str) -> None:
     """The bundled CLIP-format tokenizer, padded to CLIP's 77 tokens (ids < 49408)."""
-    src = os.path.join(REPO, "lcm_jax", "assets", "shapes", "tokenizer")
-    shutil.copytree(src, folder)
+    from lcm_jax.worlds.shapes import TOKENIZER_DIR
+
+    shutil.copytree(TOKENIZER_DIR, folder)
     path = os.path.join(folder, "tokenizer_config.json")
     with open(path) as f:
         cfg = json.load(f)
@@ -117,19 +117,20 @@ def run_diffusers(pipe, args, latents_nhwc: np.ndarray) -> tuple[list[float], np
 
 def jax_first_call(folder: str, cache: str, args, latents: np.ndarray, noises: np.ndarray) -> dict:
     """Load + first call in this process, with XLA compile seconds and persistent-cache hits."""
-    from lcm_jax.cli import CompileMeter
+    from lcm_jax.compilation import CompileMeter, enable_compilation_cache
     from lcm_jax.pipeline import LCMPipeline
 
-    t0 = time.perf_counter()
-    pipe = LCMPipeline.from_pretrained(folder, cache_dir=cache)
+    enable_compilation_cache(cache)
+    t0 = time.perf_counter()  # the warm start loads the stored sampler
+    pipe = LCMPipeline.from_pretrained(folder, executables_dir=os.path.join(cache, "executables"))
     load_s = time.perf_counter() - t0
-    CompileMeter.start()
+    meter = CompileMeter()
     t0 = time.perf_counter()
     images = sample_jax(pipe, args, latents, noises)
-    d = CompileMeter.durations
+    d = meter.durations
     trace = sum(v for k, v in d.items() if k.endswith(("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration")))
     return dict(pipe=pipe, images=images, load_s=load_s, first_s=time.perf_counter() - t0,
-                compile_s=CompileMeter.seconds, cache_hits=CompileMeter.cache_hits, trace_s=trace,
+                compile_s=meter.seconds, cache_hits=meter.cache_hits, trace_s=trace,
                 cache_load_s=sum(v for k, v in d.items() if "cache_retrieval" in k),
                 exe_loaded=pipe._executables.loaded, exe_load_s=pipe._executables.load_seconds)
 

@@ -50,17 +50,17 @@ def run_jax(args) -> dict:
     c.optim.warmup_steps, c.loss.loss_type = 0, "huber"
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     s = train.setup(c, mesh)
-    batch = sharding.shard_batch(s["source"].batch(0), mesh)
+    batch = sharding.shard_batch(s.source.batch(0), mesh)
     t0 = time.perf_counter()
-    step = s["step_fn"].lower(s["state"], s["frozen"], batch).compile()
+    step = s.step_fn.lower(s.state, s.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    state = s["state"]
-    state, m = step(state, s["frozen"], batch)
+    state = s.state
+    state, m = step(state, s.frozen, batch)
     jax.block_until_ready(m["loss"])
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = step(state, s["frozen"], batch)
+        state, m = step(state, s.frozen, batch)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
     times.sort()

@@ -74,9 +74,8 @@ def bench_jax(folder: str, sizes, repeats: int, attention: str) -> tuple[dict, d
     """Seconds per jitted forward and outputs of the lcm-jax UNet."""
     import jax
     from lcm_jax.convert.unet import load_unet
-    from lcm_jax.models import layers
-    layers.set_attention_implementation(attention)
     module, params = load_unet(folder)
+    module = module.clone(attention=attention)
     forward = jax.jit(lambda p, x: module.apply({"params": p}, **x))
     seconds, outputs = {}, {}
     for size in sizes:
@@ -114,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per size (median)")
     parser.add_argument("--attention", default="auto",
                         choices=["auto", "xla", "chunked", "blocked", "cudnn"],
-                        help="lcm_jax.models.layers attention implementation")
+                        help="the UNet's attention implementation (layers.ATTENTION_IMPLEMENTATIONS)")
     parser.add_argument("--skip-torch", action="store_true", help="time lcm-jax only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

@@ -1,4 +1,8 @@
-"""Input pipelines, and the procedural 'shapes' text-to-image world used by the bundled demo."""
-from lcm_jax.data.shapes import ShapesWorld, caption_from_attrs, parse_caption, vocabulary
+"""Training inputs: sources addressed by (step, process), a registry of named sources, and the
+latent cache."""
+from lcm_jax.data.cache import LatentCache
+from lcm_jax.data.sources import (ImageCaptionSource, Source, SyntheticLatents, make_source,
+                                  register_source, source_names)
 
-__all__ = ["ShapesWorld", "caption_from_attrs", "parse_caption", "vocabulary"]
+__all__ = ["ImageCaptionSource", "LatentCache", "Source", "SyntheticLatents", "make_source",
+           "register_source", "source_names"]

@@ -7,15 +7,17 @@ the batches an uninterrupted run would have read (the step *is* the saved iterat
 and each process reads only its own examples. Sources:
 
 - `SyntheticLatents`: random latents and text embeddings (tiny configs, benchmarks).
-- `ImageCaptionSource`: an image folder with `metadata.jsonl` ({"file_name", "text"} per line,
-  the common image-folder convention) or the procedural shapes world, read through grain with
-  seeded shuffling; yields uint8 pixels (as float in [-1, 1]) and token ids.
+- `ImageCaptionSource`: random-access (image, caption) examples, e.g. an image folder with
+  `metadata.jsonl` ({"file_name", "text"} per line, the common image-folder convention), read
+  through grain with seeded shuffling; yields uint8 pixels (as float in [-1, 1]) and token ids.
+
+`config.data.source` names a source in a registry (`register_source`): 'synthetic' and 'folder'
+here; a world adds its own (the shapes world registers 'shapes').
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
@@ -35,6 +37,13 @@ def _local_slice(global_batch: int, process_index: int, process_count: int) -> s
                          "processes; each process must read an equal share")
     n = global_batch // process_count
     return slice(process_index * n, (process_index + 1) * n)
+
+
+def step_indices(order, step: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> np.ndarray:
+    """This process's dataset indices of batch `step` in a shuffled, repeated grain `order`."""
+    sl = _local_slice(global_batch, process_index, process_count)
+    return np.array([order[step * global_batch + i] for i in range(sl.start, sl.stop)])
 
 
 class SyntheticLatents:
@@ -101,63 +110,14 @@ class ImageCaptionSource:
         self.length = length
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
-        b = self.global_batch_size
-        sl = _local_slice(b, process_index, process_count)
-        return self.examples([self._order[step * b + i] for i in range(sl.start, sl.stop)])
+        return self.examples(step_indices(self._order, step, self.global_batch_size,
+                                          process_index, process_count))
 
     def examples(self, indices: Sequence[int]) -> Batch:
         """The raw examples at dataset `indices` (unshuffled), as a batch."""
         images, captions = zip(*(self._examples(int(i)) for i in indices))
         pixels = np.stack(images).astype(np.float32) / 127.5 - 1.0
         return {"pixel_values": pixels, "input_ids": self._tokenize(list(captions))}
-
-
-class LatentCache:
-    """Latents and text embeddings of the first `size` examples, encoded once (frozen VAE and
-    text encoder), then served like the source they came from: a batch is a function of the step.
-    Skips the VAE encoder and text encoder in every training step.
-
-    `reuse_key`: a string naming everything the encoding depends on (models, data, seed). The
-    process keeps the last cache it built under its key, so a second run in the same process
-    over the same data (the demo's LCD and LCM-LoRA runs) does not encode it again.
-    """
-
-    _last: tuple[Optional[str], Optional[Batch]] = (None, None)
-
-    def __init__(self, source: ImageCaptionSource, encode: Callable[[Batch], Batch], size: int,
-                 seed: int = 0, chunk: int = 256, log: Callable[[str], None] = print,
-                 reuse_key: Optional[str] = None):
-        import grain
-
-        size = min(size, source.length)
-        key = None if reuse_key is None else f"{reuse_key}|size={size}"
-        if key is not None and LatentCache._last[0] == key:
-            self.arrays = LatentCache._last[1]
-            log(f"latent cache: reusing the {size} examples encoded earlier in this process")
-        else:
-            self.arrays = self._encode(source, encode, size, chunk, log)
-            if key is not None:
-                LatentCache._last = (key, self.arrays)
-        self.global_batch_size = source.global_batch_size
-        self._order = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
-
-    @staticmethod
-    def _encode(source, encode, size: int, chunk: int, log) -> Batch:
-        parts, t0 = [], time.time()
-        starts = range(0, size, chunk)
-        every = max(1, len(starts) // 10)
-        for i, start in enumerate(starts):
-            parts.append(encode(source.examples(range(start, min(start + chunk, size)))))
-            if i % every == every - 1 or i == len(starts) - 1:
-                log(f"latent cache: {min(start + chunk, size)}/{size} examples encoded "
-                    f"({time.time() - t0:.0f}s)")
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
-        b = self.global_batch_size
-        sl = _local_slice(b, process_index, process_count)
-        idx = np.array([self._order[step * b + i] for i in range(sl.start, sl.stop)])
-        return {k: v[idx] for k, v in self.arrays.items()}
 
 
 def folder_examples(folder: str, resolution: int) -> tuple[Callable[[int], tuple[np.ndarray, str]], int]:
@@ -178,33 +138,48 @@ def folder_examples(folder: str, resolution: int) -> tuple[Callable[[int], tuple
     return read, len(items)
 
 
-def shapes_examples(seed: int, length: int) -> tuple[Callable[[int], tuple[np.ndarray, str]], int]:
-    """The procedural shapes world as an example reader (training split: indices [0, length))."""
-    from lcm_jax.data.shapes import ShapesWorld
+SourceFactory = Callable[..., Source]
+_FACTORIES: dict[str, SourceFactory] = {}
 
-    world = ShapesWorld(seed)
 
-    def read(i: int) -> tuple[np.ndarray, str]:
-        image, caption, _ = world.sample(i)
-        return image, caption
+def register_source(name: str, factory: SourceFactory) -> None:
+    """Makes `config.data.source = name` build `factory(config, tokenize, latent_shape,
+    text_shape)`. A world registers its sources when its package is imported (its configs import
+    it), so the core never imports a world."""
+    _FACTORIES[name] = factory
 
-    return read, length
+
+def source_names() -> tuple[str, ...]:
+    return tuple(sorted(_FACTORIES))
 
 
 def make_source(cfg: Any, tokenize: Optional[Callable[[list[str]], np.ndarray]] = None,
                 latent_shape: Sequence[int] = (), text_shape: Sequence[int] = ()) -> Source:
-    """The source named by config.data.source: 'synthetic', 'folder' or 'shapes'."""
+    """The source named by config.data.source (see `register_source`)."""
     kind = cfg.data.source
-    if kind == "synthetic":
-        return SyntheticLatents(cfg.batch_size, latent_shape, text_shape, cfg.seed)
+    if kind not in _FACTORIES:
+        raise ValueError(f"data.source={kind!r} unknown; choose one of {source_names()} (a world's "
+                         "source is registered by importing its package, e.g. lcm_jax.worlds.shapes)")
+    return _FACTORIES[kind](cfg, tokenize, latent_shape, text_shape)
+
+
+def needs_tokenizer(kind: str, tokenize) -> Callable[[list[str]], np.ndarray]:
+    """`tokenize`, or an error naming the source that reads captions without one."""
     if tokenize is None:
         raise ValueError(f"data.source={kind!r} reads captions and needs a tokenizer: set "
                          "model.teacher to a diffusers pipeline folder")
-    if kind == "folder":
-        read, n = folder_examples(cfg.data.path, cfg.data.resolution)
-    elif kind == "shapes":
-        read, n = shapes_examples(cfg.data.world_seed, cfg.data.num_examples)
-    else:
-        raise ValueError(f"data.source={kind!r} unknown; choose 'synthetic', 'folder' or 'shapes'")
-    return ImageCaptionSource(read, n, cfg.batch_size, tokenize, seed=cfg.seed,
-                              name=cfg.data.get("path") or kind)
+    return tokenize
+
+
+def _synthetic(cfg, tokenize, latent_shape, text_shape) -> Source:
+    return SyntheticLatents(cfg.batch_size, latent_shape, text_shape, cfg.seed)
+
+
+def _folder(cfg, tokenize, latent_shape, text_shape) -> Source:
+    read, n = folder_examples(cfg.data.path, cfg.data.resolution)
+    return ImageCaptionSource(read, n, cfg.batch_size, needs_tokenizer("folder", tokenize),
+                              seed=cfg.seed, name=cfg.data.path)
+
+
+register_source("synthetic", _synthetic)
+register_source("folder", _folder)

@@ -19,25 +19,7 @@ Dtype = jnp.dtype
 # Attention: the one function every model calls, so the implementation can be swapped.
 # ---------------------------------------------------------------------------------------------
 
-_ATTENTION_IMPL = {"name": "auto"}
-_ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
-
-
-def set_attention_implementation(name: str) -> None:
-    """Choose how `dot_product_attention` runs: 'auto', 'xla', 'chunked', 'blocked' or 'cudnn'.
-
-    'auto' picks cuDNN flash attention on GPU (half precision), blocked attention on CPU for long
-    sequences, and the XLA formulation elsewhere. The choice is read at trace time, so set it
-    before the first jit of a model.
-    """
-    if name not in _ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {name!r} unknown; choose one of {_ATTENTION_IMPLS}")
-    _ATTENTION_IMPL["name"] = name
-
-
-def attention_implementation() -> str:
-    """The implementation set by `set_attention_implementation` ('auto' unless changed)."""
-    return _ATTENTION_IMPL["name"]
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "blocked", "cudnn")
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -102,13 +84,18 @@ def _online_softmax_attention(qb: jax.Array, kv_blocks: tuple[jax.Array, jax.Arr
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: Optional[jax.Array] = None,
-                          scale: Optional[float] = None) -> jax.Array:
+                          scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
     """Softmax attention on (batch, tokens, heads, head_dim) arrays; softmax in float32.
 
-    `mask` broadcasts to (batch, heads, q_tokens, k_tokens); True means "attend".
+    `mask` broadcasts to (batch, heads, q_tokens, k_tokens); True means "attend". `implementation`
+    (a field of the model that calls this): 'auto' picks cuDNN flash attention on GPU (half
+    precision), blocked attention on CPU for long sequences, and the XLA formulation elsewhere.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} unknown; choose one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    impl = _ATTENTION_IMPL["name"]
+    impl = implementation
     if impl == "auto":
         impl = _auto_implementation(q, k)
     if impl == "cudnn":

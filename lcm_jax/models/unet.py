@@ -192,6 +192,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"   # layers.dot_product_attention's implementation
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -200,7 +201,7 @@ class Attention(nn.Module):
         dense = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
         q, k, v = split(dense("to_q")(x)), split(dense("to_k")(context)), split(dense("to_v")(context))
-        out = layers.dot_product_attention(q, k, v)
+        out = layers.dot_product_attention(q, k, v, implementation=self.attention)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
@@ -233,12 +234,14 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False,
                                          name=name)
-        attn = lambda name: Attention(self.heads, self.head_dim, dtype=self.dtype, name=name)
+        attn = lambda name: Attention(self.heads, self.head_dim, dtype=self.dtype,
+                                      attention=self.attention, name=name)
         x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
         x = x + attn("attn2")(norm("norm2")(x), context)
         return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
@@ -253,6 +256,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -264,7 +268,8 @@ class Transformer2DModel(nn.Module):
         h = proj("proj_in", inner)(h).reshape(b, hgt * wid, inner)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.heads, self.head_dim, self.only_cross_attention,
-                                      dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context)
+                                      dtype=self.dtype, attention=self.attention,
+                                      name=f"transformer_blocks_{i}")(h, context)
         h = proj("proj_out", c)(h.reshape(b, hgt, wid, inner))
         return h + x
 
@@ -279,6 +284,7 @@ class DownBlock(nn.Module):
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, temb, context):
@@ -290,7 +296,7 @@ class DownBlock(nn.Module):
                                      dropout=cfg.dropout, dtype=self.dtype, name=f"resnets_{j}")(h, temb)
             if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
                 h = _transformer(cfg, i, cfg.transformer_layers_down[i][j], self.dtype,
-                                 f"attentions_{j}")(h, context)
+                                 f"attentions_{j}", attention=self.attention)(h, context)
             skips.append(h)
         if i < len(cfg.block_out_channels) - 1:
             h = layers.Downsample2D(out_ch, padding=cfg.downsample_padding, dtype=self.dtype,
@@ -303,6 +309,7 @@ class MidBlock(nn.Module):
     """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, temb, context):
@@ -313,7 +320,7 @@ class MidBlock(nn.Module):
             name=name)
         h = resnet("resnets_0")(h, temb)
         h = _transformer(cfg, -1, cfg.transformer_layers_mid, self.dtype, "attentions_0",
-                         only_cross=False)(h, context)
+                         only_cross=False, attention=self.attention)(h, context)
         return resnet("resnets_1")(h, temb)
 
 
@@ -326,6 +333,7 @@ class UpBlock(nn.Module):
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, skips, temb, context, upsample_like=None):
@@ -339,7 +347,7 @@ class UpBlock(nn.Module):
                                      dropout=cfg.dropout, dtype=self.dtype, name=f"resnets_{j}")(h, temb)
             if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
                 h = _transformer(cfg, block, cfg.transformer_layers_up[i][j], self.dtype,
-                                 f"attentions_{j}")(h, context)
+                                 f"attentions_{j}", attention=self.attention)(h, context)
         if upsample_like is not None:
             h = layers.Upsample2D(out_ch, dtype=self.dtype, name="upsamplers_0")(
                 h, output_size=upsample_like.shape[1:3])
@@ -347,13 +355,13 @@ class UpBlock(nn.Module):
 
 
 def _transformer(cfg: UNetConfig, block: int, num_layers: int, dtype: Dtype, name: str,
-                 only_cross: Optional[bool] = None) -> Transformer2DModel:
+                 only_cross: Optional[bool] = None, attention: str = "auto") -> Transformer2DModel:
     channels, heads = cfg.block_out_channels[block], cfg.num_heads[block]
     return Transformer2DModel(
         heads, channels // heads, num_layers=num_layers, groups=cfg.norm_num_groups,
         use_linear_projection=cfg.use_linear_projection,
         only_cross_attention=cfg.only_cross_attention[block] if only_cross is None else only_cross,
-        dtype=dtype, name=name)
+        dtype=dtype, attention=attention, name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,11 +373,13 @@ class UNet2DConditionModel(nn.Module):
     """diffusers' UNet2DConditionModel on NHWC latents; returns the prediction (eps/v), NHWC.
 
     dtype is the compute dtype (params may be fp32 or bf16); remat wraps every block in
-    `nn.remat` to trade compute for activation memory in training.
+    `nn.remat` to trade compute for activation memory in training; attention picks
+    `layers.dot_product_attention`'s implementation ('auto', 'xla', 'chunked', 'blocked', 'cudnn').
     """
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], dtype: Dtype = jnp.float32,
@@ -391,7 +401,8 @@ class UNet2DConditionModel(nn.Module):
                         name="conv_in")(h)
         h, skips = self._down(h, emb, context)
         if cfg.mid_block_type is not None:
-            h = self._block(MidBlock)(cfg, dtype=self.dtype, name="mid_block")(h, emb, context)
+            h = self._block(MidBlock)(cfg, dtype=self.dtype, attention=self.attention,
+                                      name="mid_block")(h, emb, context)
         h = self._up(h, skips, emb, context)
         h = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype,
                                       name="conv_norm_out")(h))
@@ -403,7 +414,7 @@ class UNet2DConditionModel(nn.Module):
     def _down(self, h, emb, context):
         skips = [h]
         for i in range(len(self.config.down_block_types)):
-            h, res = self._block(DownBlock)(self.config, i, dtype=self.dtype,
+            h, res = self._block(DownBlock)(self.config, i, dtype=self.dtype, attention=self.attention,
                                             name=f"down_blocks_{i}")(h, emb, context)
             skips.extend(res)
         return h, skips
@@ -413,7 +424,7 @@ class UNet2DConditionModel(nn.Module):
             n = self.config.layers_per_block[-1 - i] + 1
             res, skips = skips[-n:], skips[:-n]
             like = skips[-1] if skips else None
-            h = self._block(UpBlock)(self.config, i, dtype=self.dtype,
+            h = self._block(UpBlock)(self.config, i, dtype=self.dtype, attention=self.attention,
                                      name=f"up_blocks_{i}")(h, tuple(res), emb, context, like)
         return h
 

@@ -191,6 +191,12 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side: every block but the last halves the
+        resolution (diffusers' vae_scale_factor, 8 for Stable Diffusion)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> "AutoencoderKL":
         """Builds the module from a diffusers AutoencoderKL config dict (config.json)."""

@@ -1,9 +1,9 @@
 """Quality over distillation: every checkpoint of a shapes LCD / LCM-LoRA run, sampled and scored.
 
-    python tools/eval_checkpoints.py runs/demo/lcd --steps 1 2 4 8 --num_prompts 500
+    python -m lcm_jax.worlds.shapes.eval_checkpoints runs/demo/lcd --steps 1 2 4 8 --num_prompts 500
 
 For the student before distillation (step 0) and each checkpoint the run kept, FD and prompt
-accuracy (lcm_jax.evaluate.ShapesEvaluator) of LCM sampling at each step count, on the same
+accuracy (lcm_jax.worlds.shapes.evaluator.ShapesEvaluator) of LCM sampling at each step count, on the same
 held-out prompts and starting noise, beside the teacher's 50 DDIM steps; with the endpoint error
 the run logged at that step (metrics.jsonl, when config.eval_endpoint_timesteps is set), and with
 --oracle the ideal LCM's row (the teacher's own CFG DDIM chain as the consistency function: what
@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 TEACHER_STEPS = 50
 
 
 def checkpoint_steps(workdir: str, config) -> list[int]:
-    from lcm_jax import train
+    from lcm_jax.training.checkpoints import checkpoint_manager
 
-    mngr = train.checkpoint_manager(workdir, config)
+    mngr = checkpoint_manager(workdir, config)
     try:
         return sorted(int(s) for s in mngr.all_steps())
     finally:
@@ -39,7 +36,7 @@ def checkpoint_steps(workdir: str, config) -> list[int]:
 
 def logged_endpoint(workdir: str) -> dict[int, dict[str, float]]:
     """{step: {"t999": mse, ...}} from the run's metrics.jsonl (empty when it logged none)."""
-    from lcm_jax.evaluate import read_endpoint_errors
+    from lcm_jax.evaluation.report import read_endpoint_errors
 
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -100,17 +97,20 @@ def main(argv=None) -> None:
     p.add_argument("--teacher_guidance", type=float, default=5.0)
     p.add_argument("--every", type=int, default=1, help="score every k-th kept checkpoint")
     p.add_argument("--oracle", action="store_true",
-                   help="also score the ideal LCM at each step count (evaluate.oracle_generate: the "
+                   help="also score the ideal LCM at each step count (harness.oracle_generate: the "
                         "teacher's own CFG DDIM chain as the consistency function), the ceiling")
     p.add_argument("--batch", type=int, default=100)
     args = p.parse_args(argv)
 
     import jax
 
-    from lcm_jax import train
-    from lcm_jax.cli import load_run_config, restore_run
-    from lcm_jax.evaluate import ShapesEvaluator, generate, heldout_prompts, oracle_generate
-    from lcm_jax.pipeline import LCMPipeline, pipeline_from_training
+    from lcm_jax.evaluation.harness import generate, oracle_generate
+    from lcm_jax.pipeline import LCMPipeline
+    from lcm_jax.runs import pipeline_from_training
+    from lcm_jax.training.checkpoints import load_run_config, restore
+    from lcm_jax.training.models import build_models
+    from lcm_jax.training.state import make_init_state, make_optimizer, sampling_guidance
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
 
     config = load_run_config(args.workdir)
     if config.method not in ("lcd", "lcm_lora"):
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     steps = steps[::-1][::args.every][::-1]  # always keep the last one
     guidance = args.guidance
     if guidance is None:
-        guidance = 1.0 if config.method == "lcm_lora" else 1.0 + (config.loss.w_min + config.loss.w_max) / 2
+        guidance = sampling_guidance(config)
     prompts, _ = heldout_prompts(args.num_prompts)
     evaluator = ShapesEvaluator()
     batch = min(args.batch, args.num_prompts)
@@ -144,8 +144,8 @@ def main(argv=None) -> None:
                   f"acc {m['prompt_accuracy']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     del teacher_pipe
 
-    models = train.build_models(config)
-    state0 = jax.jit(train.make_init_state(config, train.make_optimizer(config)[0]))(models.init_params)
+    models = build_models(config)
+    state0 = jax.jit(make_init_state(config, make_optimizer(config)[0]))(models.init_params)
     pipe = pipeline_from_training(config, models, state0)  # compiled once; weights swapped below
     endpoint = logged_endpoint(args.workdir)
     base = os.path.join(args.workdir, "quality_by_step")
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         t1 = time.time()
         if step:
             pipe.unet_params = pipeline_from_training(
-                config, models, restore_run(config, args.workdir, step)[1]).unet_params
+                config, models, restore(args.workdir, step).state).unet_params
         row = dict(step=step, guidance=guidance, fd={}, acc={}, endpoint=endpoint.get(step, {}))
         for n in args.steps:
             m = evaluator(generate(pipe, prompts, "lcm", n, guidance, batch=batch), prompts)

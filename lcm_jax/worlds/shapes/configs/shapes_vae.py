@@ -1,9 +1,9 @@
 """The shapes world's VAE (64x64x3 -> 8x8x4, SD's factor 8) and frozen text encoder.
 
-    python -m lcm_jax.train_vae --config=configs/shapes_vae.py --workdir=runs/shapes_vae
+    python -m lcm_jax.worlds.shapes.train_vae --config=lcm_jax/worlds/shapes/configs/shapes_vae.py --workdir=runs/shapes_vae
 
-Writes runs/shapes_vae/components/, the folder configs/shapes_teacher.py trains a UNet on.
-`--config=configs/shapes_vae.py:tiny` runs a few steps (tests).
+Writes runs/shapes_vae/components/, the folder lcm_jax/worlds/shapes/configs/shapes_teacher.py trains a UNet on.
+`--config=lcm_jax/worlds/shapes/configs/shapes_vae.py:tiny` runs a few steps (tests).
 """
 import ml_collections
 

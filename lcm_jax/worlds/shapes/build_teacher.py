@@ -1,10 +1,10 @@
 """Retrains the bundled shapes teacher from scratch and ships it as a diffusers pipeline folder.
 
-    python tools/build_shapes_teacher.py [--workdir runs/shapes_build]
-        [--out lcm_jax/assets/shapes/teacher] [--vae_steps N] [--teacher_steps N]
+    python lcm_jax/worlds/shapes/build_teacher.py [--workdir runs/shapes_build]
+        [--out lcm_jax/worlds/shapes/assets/teacher] [--vae_steps N] [--teacher_steps N]
 
-1. `python -m lcm_jax.train_vae --config=configs/shapes_vae.py` -> WORKDIR/vae/components/
-2. `python -m lcm_jax.train --config=configs/shapes_teacher.py:WORKDIR/vae/components`
+1. `python -m lcm_jax.worlds.shapes.train_vae --config=lcm_jax/worlds/shapes/configs/shapes_vae.py` -> WORKDIR/vae/components/
+2. `python -m lcm_jax.train --config=lcm_jax/worlds/shapes/configs/shapes_teacher.py:WORKDIR/vae/components`
    -> WORKDIR/teacher/checkpoints/
 3. components + unet/ (the final checkpoint's params) -> a temp folder; evaluated there (50-step
    DDIM with CFG on held-out prompts: FD and prompt accuracy with ShapesEvaluator, a grid PNG);
@@ -23,17 +23,16 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+from lcm_jax.worlds.shapes import CONFIG_DIR, TEACHER_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(ROOT, "lcm_jax", "assets", "shapes", "teacher")
+DEFAULT_OUT = TEACHER_DIR
 
 
 def run_step(args: list[str]) -> float:
-    """Runs one training command from the repo root, streaming its output; returns seconds."""
+    """Runs one training command, streaming its output; returns seconds."""
     print("+ " + " ".join(args), flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable] + args, cwd=ROOT, check=True)
+    subprocess.run([sys.executable] + args, check=True)
     return time.time() - t0
 
 
@@ -55,7 +54,7 @@ def final_unet_params(teacher_workdir: str):
 def assemble(components: str, teacher_workdir: str, out_dir: str) -> int:
     """components + unet/ from the final checkpoint -> `out_dir` (a pipeline folder); its step."""
     from lcm_jax.convert.unet import unet_to_diffusers
-    from lcm_jax.train_vae import model_index
+    from lcm_jax.worlds.shapes.train_vae import model_index
 
     params, step = final_unet_params(teacher_workdir)
     with open(os.path.join(teacher_workdir, "config.json")) as f:
@@ -70,7 +69,8 @@ def assemble(components: str, teacher_workdir: str, out_dir: str) -> int:
 def evaluate_teacher(folder: str, guidances: list[float], num_prompts: int, steps: int,
                      grid_path: str, batch: int = 64) -> list[dict]:
     """FD and prompt accuracy of `steps`-step DDIM with CFG at each guidance, on held-out prompts."""
-    from lcm_jax.evaluate import ShapesEvaluator, heldout_prompts, save_grid
+    from lcm_jax.evaluation.grids import save_grid
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
     from lcm_jax.pipeline import LCMPipeline
 
     pipe = LCMPipeline.from_pretrained(folder)
@@ -104,17 +104,17 @@ diffusers pipeline folder (LatentConsistencyModelPipeline layout; loads with dif
   scaling_factor {scale:.4f} (1 / std of its latents). Held-out reconstructions: mean abs error
   {mae:.2f}/255; classifier prompt accuracy {acc_rec:.3f} (originals {acc_orig:.3f}).
 - text_encoder/: CLIPTextModel (hidden {hidden}, {layers} layers), {text_note}, frozen.
-- tokenizer/: lcm_jax/assets/shapes/tokenizer. scheduler/: SD's scaled_linear schedule.
+- tokenizer/: lcm_jax/worlds/shapes/assets/tokenizer. scheduler/: SD's scaled_linear schedule.
 - unet/: UNet2DConditionModel {unet_channels}, trained from scratch with `method='diffusion'`
   (epsilon, caption dropout 0.1 for CFG) for {teacher_steps} steps at batch {batch} on a latent
-  cache (configs/shapes_teacher.py), on a 2-core CPU; the shipped weights are their EMA
+  cache (lcm_jax/worlds/shapes/configs/shapes_teacher.py), on a 2-core CPU; the shipped weights are their EMA
   (decay {ema}).
 
-Rebuild from scratch: `python tools/build_shapes_teacher.py` (VAE {vae_min:.0f} min, teacher
+Rebuild from scratch: `python lcm_jax/worlds/shapes/build_teacher.py` (VAE {vae_min:.0f} min, teacher
 {teacher_min:.0f} min on that CPU).
 
 Quality: 50-step DDIM with classifier-free guidance on {num_prompts} held-out prompts
-(`lcm_jax.evaluate.heldout_prompts`, `ShapesEvaluator`; FD on classifier features vs 2000 real
+(`lcm_jax.worlds.shapes.evaluator.heldout_prompts`, `ShapesEvaluator`; FD on classifier features vs 2000 real
 held-out images):
 
 | guidance | prompt accuracy | FD | background | shape | color | size | position |
@@ -178,10 +178,10 @@ def folder_size(path: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "shapes_build"))
+    p.add_argument("--workdir", default=os.path.join("runs", "shapes_build"))
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--vae_steps", type=int, default=0, help="override configs/shapes_vae.py")
-    p.add_argument("--teacher_steps", type=int, default=0, help="override configs/shapes_teacher.py")
+    p.add_argument("--vae_steps", type=int, default=0, help="override lcm_jax/worlds/shapes/configs/shapes_vae.py")
+    p.add_argument("--teacher_steps", type=int, default=0, help="override lcm_jax/worlds/shapes/configs/shapes_teacher.py")
     p.add_argument("--skip_training", action="store_true", help="reassemble from --workdir")
     p.add_argument("--guidance", default="3,5,7.5", help="comma-separated CFG scales to evaluate")
     p.add_argument("--num_prompts", type=int, default=256)
@@ -193,9 +193,9 @@ def main() -> None:
     components = os.path.join(vae_dir, "components")
     times = {}
     if not a.skip_training:
-        vae_args = ["-m", "lcm_jax.train_vae", "--config=configs/shapes_vae.py", f"--workdir={vae_dir}"]
+        vae_args = ["-m", "lcm_jax.worlds.shapes.train_vae", f"--config={CONFIG_DIR}/shapes_vae.py", f"--workdir={vae_dir}"]
         times["vae"] = run_step(vae_args + ([f"--config.total_steps={a.vae_steps}"] if a.vae_steps else []))
-        t_args = ["-m", "lcm_jax.train", f"--config=configs/shapes_teacher.py:{components}",
+        t_args = ["-m", "lcm_jax.train", f"--config={CONFIG_DIR}/shapes_teacher.py:{components}",
                   f"--workdir={teacher_dir}"]
         times["teacher"] = run_step(t_args + ([f"--config.total_steps={a.teacher_steps}"]
                                               if a.teacher_steps else []))

@@ -1,12 +1,12 @@
 """Trains the shapes-world attribute classifier on CPU and writes it to the package assets.
 
-    python tools/train_shapes_classifier.py [--steps 1500] [--batch 64] [--out DIR]
+    python lcm_jax/worlds/shapes/train_classifier.py [--steps 1500] [--batch 64] [--out DIR]
 
 Training images come from `ShapesWorld(--train_seed)` (fresh images every step, made in a
 background thread), with a little Gaussian pixel noise so that slightly imperfect generated
 samples are still read. Held-out accuracy is measured on the evaluation split
 (`shapes.EVAL_SEED`), which no model trains on. Writes model.safetensors + config.json (the
-architecture, heads and held-out accuracy) to --out, by default lcm_jax/assets/shapes/classifier/.
+architecture, heads and held-out accuracy) to --out, by default lcm_jax/worlds/shapes/assets/classifier/.
 """
 from __future__ import annotations
 
@@ -14,22 +14,20 @@ import argparse
 import json
 import os
 import queue
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
-from lcm_jax import evaluate  # noqa: E402
-from lcm_jax.convert.common import write_safetensors  # noqa: E402
-from lcm_jax.data import shapes  # noqa: E402
-from lcm_jax.models.classifier import ShapesClassifier  # noqa: E402
+from lcm_jax.convert.common import write_safetensors
+from lcm_jax.worlds.shapes import CLASSIFIER_DIR
+from lcm_jax.worlds.shapes import world as shapes
+from lcm_jax.worlds.shapes import evaluator as evaluate
+from lcm_jax.worlds.shapes.classifier import ShapesClassifier
 
 
 def batches(seed: int, batch: int, steps: int):
@@ -104,7 +102,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.1, help="max pixel noise std ([-1, 1])")
     parser.add_argument("--train_seed", type=int, default=1)
     parser.add_argument("--eval_num", type=int, default=2000)
-    parser.add_argument("--out", default=evaluate.CLASSIFIER_DIR)
+    parser.add_argument("--out", default=CLASSIFIER_DIR)
     args = parser.parse_args()
     if args.train_seed == shapes.EVAL_SEED:
         raise SystemExit(f"--train_seed {args.train_seed} is the evaluation split; pick another")

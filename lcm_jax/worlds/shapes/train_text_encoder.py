@@ -10,9 +10,9 @@ for the whole image) attend over the final hidden states and must predict the sh
 size in their cell (or 'empty') and the background. The probe is thrown away; the encoder is
 frozen from then on, as CLIP is in Stable Diffusion.
 
-    python -m lcm_jax.train_text_encoder --config=configs/shapes_vae.py --components=DIR
+    python -m lcm_jax.worlds.shapes.train_text_encoder --config=lcm_jax/worlds/shapes/configs/shapes_vae.py --components=DIR
 
-rewrites DIR/text_encoder/ (atomically) with the pretrained weights. `lcm_jax.train_vae` runs
+rewrites DIR/text_encoder/ (atomically) with the pretrained weights. `lcm_jax.worlds.shapes.train_vae` runs
 it too when config.text_encoder.pretrain_steps > 0.
 """
 from __future__ import annotations
@@ -29,12 +29,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from lcm_jax.data import shapes
+from lcm_jax.training.metrics import progress_line
+from lcm_jax.training.state import optimizer
+from lcm_jax.worlds.shapes import world as shapes
 
 
 class AttributeProbe(nn.Module):
     """Token states (B, L, D) -> per-cell and background logits via single-head cross-attention."""
-    cell_heads: tuple          # ((attribute, classes), ...) as evaluate.classifier_cell_heads()
+    cell_heads: tuple          # ((attribute, classes), ...) as evaluator.classifier_cell_heads()
     num_backgrounds: int
     num_cells: int = len(shapes.POSITIONS)
     width: int = 128
@@ -56,7 +58,7 @@ class AttributeProbe(nn.Module):
 def caption_batch(world: shapes.ShapesWorld, start: int, size: int, tokenizer):
     """Token ids and classifier-style targets of captions start..start+size of `world`."""
     from lcm_jax.convert.clip import encode_prompt_ids
-    from lcm_jax.evaluate import attrs_to_cells
+    from lcm_jax.worlds.shapes.evaluator import attrs_to_cells
 
     items = [world.attrs(i) for i in range(start, start + size)]
     ids, truncated = encode_prompt_ids(tokenizer, [shapes.caption_from_attrs(a) for a in items])
@@ -68,7 +70,7 @@ def caption_batch(world: shapes.ShapesWorld, start: int, size: int, tokenizer):
 def pretrain(tc: ml_collections.ConfigDict, encoder, params, tokenizer, log=print):
     """Trains `params` of `encoder` (a CLIPTextModel) with the attribute probe for
     tc.pretrain_steps steps; returns (params, report with held-out probe accuracy)."""
-    from lcm_jax.evaluate import classifier_cell_heads
+    from lcm_jax.worlds.shapes.evaluator import classifier_cell_heads
 
     probe = AttributeProbe(classifier_cell_heads(), len(shapes.BACKGROUNDS))
     world, heldout = shapes.ShapesWorld(tc.get("pretrain_world_seed", 0)), shapes.ShapesWorld(shapes.EVAL_SEED)
@@ -78,9 +80,8 @@ def pretrain(tc: ml_collections.ConfigDict, encoder, params, tokenizer, log=prin
     variables = {"encoder": params,
                  "probe": probe.init(jax.random.PRNGKey(tc.seed + 1), states0)["params"]}
     steps = tc.pretrain_steps
-    lr = optax.warmup_cosine_decay_schedule(0.0, tc.get("pretrain_learning_rate", 3e-3),
-                                            min(100, steps // 10 + 1), max(steps, 2))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+    tx, _ = optimizer(tc.get("pretrain_learning_rate", 3e-3), steps, warmup_steps=min(100, steps // 10 + 1),
+                      schedule="cosine", grad_clip=1.0)
     opt_state = tx.init(variables)
 
     def logits_fn(v, ids):
@@ -104,9 +105,8 @@ def pretrain(tc: ml_collections.ConfigDict, encoder, params, tokenizer, log=prin
         variables, opt_state, loss = step_fn(variables, opt_state, jnp.asarray(ids), targets)
         done = step + 1
         if done % max(1, steps // 10) == 0 or done == steps:
-            rate = done / (time.time() - t0)
-            log(f"text encoder step {done}/{steps} probe loss {float(loss):.4f} "
-                f"{rate:.1f} steps/s ETA {(steps - done) / rate:.0f}s")
+            row = {"probe_loss": float(loss), "steps_per_s": done / (time.time() - t0)}
+            log(progress_line(done, steps, row, prefix="text encoder step"))
     ids, targets = caption_batch(heldout, 0, 1000, tokenizer)
     logits = jax.jit(logits_fn)(variables, jnp.asarray(ids))
     hits = {k: np.all(np.asarray(logits[k]).argmax(-1).reshape(len(ids), -1)

@@ -1,6 +1,6 @@
-"""Writes the CLIP-format tokenizer of the shapes world to lcm_jax/assets/shapes/tokenizer/.
+"""Writes the CLIP-format tokenizer of the shapes world to lcm_jax/worlds/shapes/assets/tokenizer/.
 
-    python tools/make_shapes_tokenizer.py [--out DIR] [--max_length 32]
+    python lcm_jax/worlds/shapes/make_tokenizer.py [--out DIR] [--max_length 32]
 
 The vocabulary is word-level: each caption word `w` is one token `w</w>`, as in CLIP. BPE merges
 build words from the end: `e d</w> -> ed</w>`, then `r ed</w> -> red</w>`. Every merge has a
@@ -18,14 +18,10 @@ import argparse
 import json
 import os
 import string
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from lcm_jax.worlds.shapes import world as shapes
 
-from lcm_jax.data import shapes  # noqa: E402
-
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lcm_jax", "assets",
-                           "shapes", "tokenizer")
+from lcm_jax.worlds.shapes import TOKENIZER_DIR as DEFAULT_OUT
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

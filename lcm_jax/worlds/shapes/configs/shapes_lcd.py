@@ -1,21 +1,17 @@
-"""LCD on the bundled shapes world: distill the shipped teacher (lcm_jax/assets/shapes/teacher)
-into a 1-4 step LCM on a CPU in minutes. `make demo` runs this.
+"""LCD on the bundled shapes world: distill the shipped teacher (lcm_jax/worlds/shapes/assets/teacher)
+into a 1-4 step LCM on a CPU in minutes. `make demo` (`python -m lcm_jax.demo`) runs this.
 
-    python -m lcm_jax.train --config=configs/shapes_lcd.py --workdir=runs/demo/lcd
-    python -m lcm_jax.train --config=configs/shapes_lcd.py:lora --workdir=runs/demo/lora  # LCM-LoRA
+    python -m lcm_jax.train --config=lcm_jax/worlds/shapes/configs/shapes_lcd.py --workdir=runs/demo/lcd
+    python -m lcm_jax.train --config=lcm_jax/worlds/shapes/configs/shapes_lcd.py:lora --workdir=runs/demo/lora  # LCM-LoRA
 """
-import os
-
 from lcm_jax.defaults import base_config
-
-TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "lcm_jax", "assets", "shapes", "teacher")
+from lcm_jax.worlds.shapes import TEACHER_DIR  # also registers data.source 'shapes'
 
 
 def get_config(arg=None):
     c = base_config()
     c.method = "lcm_lora" if arg == "lora" else "lcd"
-    c.model.teacher = TEACHER
+    c.model.teacher = TEACHER_DIR
     c.model.time_cond_proj_dim = 64
     c.total_steps = 1200
     c.batch_size = 32
@@ -37,7 +33,7 @@ def get_config(arg=None):
     # The target network's EMA decay sets how far the student can drift: at the paper's 0.95 (made
     # for lr 8e-6 on SD) the one-step error from t = 999 never falls here and the samples lose
     # colour accuracy within 200 steps; at 0.995 the error falls from every start timestep and
-    # the samples keep their quality (README, Status; runs scored by tools/eval_checkpoints.py).
+    # the samples keep their quality (README, Status; runs scored by lcm_jax/worlds/shapes/eval_checkpoints.py).
     c.loss.ema_decay = 0.995
     c.lora.rank, c.lora.alpha = 16, 16.0
     c.optim.learning_rate = 2e-4 if arg == "lora" else 1e-4

@@ -1,11 +1,11 @@
 """Trains a small KL autoencoder on the shapes world and writes a pipeline *components* folder.
 
-    python -m lcm_jax.train_vae --config=configs/shapes_vae.py --workdir=runs/shapes_vae
+    python -m lcm_jax.worlds.shapes.train_vae --config=lcm_jax/worlds/shapes/configs/shapes_vae.py --workdir=runs/shapes_vae
 
 The folder `workdir/components/` is a diffusers pipeline folder without unet/: vae/ (this run,
 with scaling_factor = 1 / std of its latents, as Stable Diffusion chose 0.18215), text_encoder/
 (a small CLIPTextModel, pretrained on the captions by
-`lcm_jax.train_text_encoder` and then frozen), tokenizer/ (the
+`lcm_jax.worlds.shapes.train_text_encoder` and then frozen), tokenizer/ (the
 shapes tokenizer), scheduler/ (SD's LCMScheduler-compatible schedule) and model_index.json. A
 teacher UNet is trained on top of it with `lcm_jax.train` (model.components). The workdir also
 holds config.json, metrics.jsonl, vae_eval.json and reconstructions.png.
@@ -24,12 +24,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from lcm_jax.data import shapes
-from lcm_jax.losses.autoencoder import make_autoencoder_loss
+from lcm_jax.worlds.shapes import world as shapes
+from lcm_jax.worlds.shapes.autoencoder_loss import make_autoencoder_loss
 from lcm_jax.models.vae import AutoencoderKL
+from lcm_jax.training.metrics import progress_line
+from lcm_jax.training.state import optimizer
+from lcm_jax.worlds.shapes import TOKENIZER_DIR
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes",
-                             "tokenizer")
 # Stable Diffusion's noise schedule, in the form LCMScheduler / DDIMScheduler read.
 SCHEDULER_CONFIG = {
     "_class_name": "LCMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -69,13 +70,10 @@ def batch_at(pool: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndar
 
 
 def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
-    """AdamW with linear warmup then cosine decay, clipped by global norm."""
-    lr = optax.warmup_cosine_decay_schedule(0.0, oc.learning_rate, max(oc.warmup_steps, 1),
-                                            max(total_steps, oc.warmup_steps + 1),
-                                            end_value=oc.learning_rate * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(oc.grad_clip),
-                     optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay))
-    return tx, lr
+    """AdamW with linear warmup then cosine decay to 5% of the rate, clipped by global norm."""
+    return optimizer(oc.learning_rate, total_steps, warmup_steps=oc.warmup_steps, schedule="cosine",
+                     end_fraction=0.05, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay,
+                     grad_clip=oc.grad_clip)
 
 
 def make_train_step(vae: AutoencoderKL, config: ml_collections.ConfigDict, tx, lr_fn):
@@ -111,14 +109,6 @@ def initial_params(folder: str, like):
     return params
 
 
-def _progress_line(step: int, total: int, row: dict) -> str:
-    left = int((total - step) / max(row["steps_per_s"], 1e-9))
-    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-    return (f"step {step}/{total} loss {row['loss']:.5f} rec {row['reconstruction']:.5f} "
-            f"kl {row['kl']:.1f} grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-            f"{row['steps_per_s']:.2f} steps/s ETA {eta}")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[AutoencoderKL, Any]:
     """Trains the VAE for config.total_steps; returns (module, params). Logs to metrics.jsonl."""
     vae = AutoencoderKL.from_config(config.vae.to_dict())
@@ -147,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[AutoencoderK
             t_last, step_last = now, done
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": done, **row}) + "\n")
-            print(_progress_line(done, config.total_steps, row), flush=True)
+            print(progress_line(done, config.total_steps, row), flush=True)
     return vae, params
 
 
@@ -174,7 +164,8 @@ def reconstruct(vae: AutoencoderKL, params, images: np.ndarray, batch: int = 256
 
 def evaluate_reconstructions(vae: AutoencoderKL, params, num: int, out_png: str) -> dict:
     """Classifier prompt accuracy on held-out originals vs their reconstructions, MAE, a PNG."""
-    from lcm_jax.evaluate import ShapesEvaluator, save_grid
+    from lcm_jax.evaluation.grids import save_grid
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator
 
     images, captions, _ = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(num))
     recon = reconstruct(vae, params, images)
@@ -210,10 +201,10 @@ def text_encoder_config(tc: ml_collections.ConfigDict, tokenizer) -> dict:
 
 def write_text_encoder(tc: ml_collections.ConfigDict, out_dir: str) -> None:
     """A CLIPTextModel in transformers' format: initialised with seed tc.seed, then pretrained
-    on captions for tc.pretrain_steps steps (`lcm_jax.train_text_encoder`; 0: left random)."""
+    on captions for tc.pretrain_steps steps (`lcm_jax.worlds.shapes.train_text_encoder`; 0: left random)."""
     from lcm_jax.convert.clip import load_tokenizer
     from lcm_jax.models.clip import CLIPTextModel
-    from lcm_jax.train_text_encoder import pretrain, save_weights
+    from lcm_jax.worlds.shapes.train_text_encoder import pretrain, save_weights
 
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     cfg = text_encoder_config(tc, tokenizer)

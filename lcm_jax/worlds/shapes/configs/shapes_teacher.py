@@ -1,16 +1,17 @@
 """The shapes world's teacher: a small text-conditioned UNet on 8x8x4 latents, trained from scratch.
 
-    python -m lcm_jax.train --config=configs/shapes_teacher.py:runs/shapes_vae/components \
+    python -m lcm_jax.train --config=lcm_jax/worlds/shapes/configs/shapes_teacher.py:runs/shapes_vae/components \
         --workdir=runs/shapes_teacher
 
-The argument is the components folder written by `lcm_jax.train_vae` (VAE, frozen text encoder,
-tokenizer, scheduler); `DIR,tiny` runs a few steps (tests). tools/build_shapes_teacher.py runs
-both and assembles lcm_jax/assets/shapes/teacher/.
+The argument is the components folder written by `lcm_jax.worlds.shapes.train_vae` (VAE, frozen text encoder,
+tokenizer, scheduler); `DIR,tiny` runs a few steps (tests). `python -m lcm_jax.worlds.shapes.build_teacher` runs
+both and assembles lcm_jax/worlds/shapes/assets/teacher/.
 """
 from lcm_jax.defaults import base_config
+from lcm_jax.worlds.shapes import source as _source  # noqa: F401  (registers data.source 'shapes')
 
 DEFAULT_COMPONENTS = "runs/shapes_vae/components"
-TEXT_HIDDEN = 64   # configs/shapes_vae.py text_encoder.hidden_size
+TEXT_HIDDEN = 64   # lcm_jax/worlds/shapes/configs/shapes_vae.py text_encoder.hidden_size
 TEXT_LEN = 32      # the shapes tokenizer's model_max_length
 
 

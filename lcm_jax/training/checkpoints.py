@@ -1,0 +1,76 @@
+"""Orbax checkpoints of a run, and `restore(workdir, step)`: the one way export, eval and tools read
+a run back."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lcm_jax.training.models import student_shapes
+from lcm_jax.training.state import TrainState, make_init_state, make_optimizer
+
+
+class RunError(ValueError):
+    """A workdir that cannot be read back (no config.json, no such checkpoint)."""
+
+
+def checkpoint_manager(workdir: str, config):
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpointing)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(mngr, state: TrainState, force: bool = False) -> None:
+    mngr.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = None) -> Optional[TrainState]:
+    """The checkpoint at `step` (default: the latest complete one; orbax only exposes finalised
+    ones), or None when there is none."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a training run saved in workdir/config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise RunError(f"{workdir} is not a training workdir: it has no config.json")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON ({e}); it is written by lcm_jax.train") from e
+
+
+class Restored(NamedTuple):
+    config: ml_collections.ConfigDict
+    unet: Any            # the trained UNet module
+    state: TrainState
+
+
+def restore(workdir: str, step: Optional[int] = None) -> Restored:
+    """The run in `workdir` at checkpoint `step` (default: the latest finished one), on one local
+    device: its config, the trained UNet module and the TrainState."""
+    config = load_run_config(workdir)
+    unet, shapes = student_shapes(config)
+    init_state = make_init_state(config, make_optimizer(config)[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            jax.eval_shape(init_state, shapes))
+    mngr = checkpoint_manager(workdir, config)
+    try:
+        if step is not None and step not in mngr.all_steps():
+            raise RunError(f"{workdir}/checkpoints has no step {step}; it holds {sorted(mngr.all_steps())}")
+        state = restore_checkpoint(mngr, abstract, step)
+    finally:
+        mngr.close()
+    if state is None:
+        raise RunError(f"{workdir}/checkpoints holds no finished checkpoint")
+    return Restored(config, unet, state)

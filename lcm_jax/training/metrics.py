@@ -1,0 +1,82 @@
+"""What a run reports: metrics.jsonl and TensorBoard (process 0), and the progress line with
+steps/s and ETA that every trainer of the project prints."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step."""
+
+    def __init__(self, workdir: str, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def main_process_print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def endpoint_text(row: dict) -> str:
+    """' endpoint_mse t999 0.3095 t759 0.0503' from a metrics row ('' when it has none)."""
+    ends = [f"{k.split('/')[1]} {v:.4f}" for k, v in row.items() if k.startswith("endpoint_mse/")]
+    return f" endpoint_mse {' '.join(ends)}" if ends else ""
+
+
+def eta(step: int, total: int, steps_per_s: float) -> str:
+    """'h:mm:ss' left at this rate."""
+    m, sec = divmod(int((total - step) / max(steps_per_s, 1e-9)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
+
+
+def progress_line(step: int, total: int, row: dict, prefix: str = "step") -> str:
+    """'step 10/50 loss 0.01234 eval_loss ... grad_norm 0.123 lr 1.00e-04 4.10 steps/s 33.0 ex/s
+    ETA 0:00:09': every number of the row (endpoint errors grouped), then rate and time left."""
+    rate = {"steps_per_s", "examples_per_s"}
+    fields = [f"{k} {_number(k, v)}" for k, v in row.items()
+              if k not in rate and not k.startswith("endpoint_mse/")]
+    text = f"{prefix} {step}/{total} " + " ".join(fields) + endpoint_text(row)
+    text += f" {row['steps_per_s']:.2f} steps/s"
+    if "examples_per_s" in row:
+        text += f" {row['examples_per_s']:.1f} ex/s"
+    return text + f" ETA {eta(step, total, row['steps_per_s'])}"
+
+
+def _number(key: str, value: float) -> str:
+    if key == "lr":
+        return f"{value:.2e}"
+    if key in ("grad_norm", "kl"):
+        return f"{value:.3f}"
+    return f"{value:.5f}"

@@ -1,0 +1,66 @@
+"""Sample grids during training: the config's sample prompts at 1, 2 and 4 LCM steps from the
+network that samples (the EMA target, or the LoRA-merged teacher), written to samples/.
+
+Built on the losses' view of the student (`make_model_fns`), the frozen encoders (`make_encode`)
+and the samplers; the pipeline is not involved, so training never depends on it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lcm_jax import sampling, schedules
+from lcm_jax.components import decode_latents
+from lcm_jax.evaluation.grids import save_grid
+from lcm_jax.models.layers import guidance_scale_embedding
+from lcm_jax.training.models import Models, make_model_fns, tokenize_fn, uses_w_embedding
+from lcm_jax.training.state import TrainState, sampling_params, w_midpoint
+from lcm_jax.training.step import make_encode
+
+GRID_STEPS = (1, 2, 4)
+GRID_SEED = 0
+
+
+def make_sample_grid(config, models: Models, frozen: dict,
+                     workdir: str) -> Optional[Callable[[TrainState, int], str]]:
+    """grid(state, step) -> path of samples/step_XXXXXX.png; None when the run samples nothing
+    (sample_every 0, no VAE or tokenizer, or teacher training)."""
+    if not config.sample_every or models.vae is None or config.method == "diffusion":
+        return None
+    prompts = list(config.sample_prompts)
+    ids = tokenize_fn(models)(prompts)
+    encode = make_encode(config, models, with_uncond=False)
+    student_fn, _ = make_model_fns(config, models)
+    f = models.vae.downsample_factor
+    size = config.data.resolution
+    shape = (len(prompts), size // f, size // f, models.unet.config.in_channels)
+    w_emb = None
+    if uses_w_embedding(config):
+        w_emb = guidance_scale_embedding(jnp.full((len(prompts),), w_midpoint(config)),
+                                         config.model.time_cond_proj_dim)
+    T = models.schedule.num_train_timesteps
+    grids = {n: schedules.lcm_timesteps(n, config.loss.num_ddim_timesteps, T) for n in GRID_STEPS}
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def images(params, frozen, rng, num_steps: int):
+        rng_lat, rng_steps = jax.random.split(rng)
+        latents = jax.random.normal(rng_lat, shape, jnp.float32)
+        cond = encode(frozen, {"latents": latents, "input_ids": jnp.asarray(ids)}, rng_lat)
+        text, added = cond["prompt_embeds"], cond.get("added_cond")
+        model_fn = lambda x, t: student_fn(params, frozen, x, t, text, w_emb, added)
+        z = sampling.lcm_sample(model_fn, latents, models.schedule, grids[num_steps], rng_steps)
+        return decode_latents(models.vae, frozen["vae"], z)
+
+    def grid(state: TrainState, step: int) -> str:
+        params, rng = sampling_params(state), jax.random.PRNGKey(GRID_SEED)
+        rows = [jax.device_get(images(params, frozen, rng, n)) for n in GRID_STEPS]
+        path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+        save_grid(jnp.concatenate(rows), path, nrow=len(prompts),
+                  labels=[f"{n} step{'s' if n > 1 else ''}" for n in GRID_STEPS])
+        return path
+
+    return grid
