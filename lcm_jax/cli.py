@@ -3,6 +3,7 @@
     lcm-jax sample  --model DIR --prompt "a red circle" --steps 4 --seed 0 --out samples/
     lcm-jax convert --model DIR_OR_FILE --out DIR     # load with lcm-jax, write a diffusers folder
     lcm-jax export  --workdir runs/x --out DIR        # training run -> diffusers folder / LoRA file
+    lcm-jax cache   --config CONFIG --out DIR         # encode a dataset once: an on-disk latent cache
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
 
 Bad input (a missing folder, a wrong key, a bad size) prints one line `lcm-jax <cmd>: error: ...`
@@ -170,6 +171,57 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 # =============================================================================================
+# cache
+# =============================================================================================
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """A config file's get_config(arg) from 'path.py[:arg]', locked, with 'key=value' overrides
+    (values parsed as Python literals, else taken as strings), as `python -m lcm_jax.train`."""
+    import ast
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise CliError(f"--config {path}: no such file")
+    module_spec = importlib.util.spec_from_file_location("lcm_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise CliError(f"--set {item}: expected key=value, e.g. data.cache_size=10000")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        try:
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        except (KeyError, AttributeError, TypeError) as e:
+            raise CliError(f"--set {item}: {str(e).splitlines()[0]}") from e
+    return config
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    """Encodes data.cache_size examples of the config's dataset into an on-disk latent cache;
+    train from it with --config.data.cache_dir=OUT. Rerun with the same --out to resume."""
+    from lcm_jax.training import latent_cache
+
+    config = load_config(args.config, args.set)
+    t0 = stage(1, 1, f"encoding {config.data.cache_size} examples of data.source={config.data.source!r} "
+               f"into {args.out}")
+    latent_cache.build(config, args.out, chunk=args.chunk)
+    done(t0)
+    print(f"wrote {args.out}; train from it with --config.data.cache_dir={args.out}")
+
+
+# =============================================================================================
 # eval
 # =============================================================================================
 
@@ -248,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-scale", type=float, default=1.0)
     s.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
 
+    k = sub.add_parser("cache", help="encode a dataset once into an on-disk latent cache")
+    k.add_argument("--config", required=True, help="training config file, path.py[:arg]")
+    k.add_argument("--out", required=True, help="cache folder (an existing one is completed)")
+    k.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set data.cache_size=10000 (repeatable)")
+    k.add_argument("--chunk", type=int, default=256, help="examples per shard")
+
     c = sub.add_parser("convert", help="load a pipeline folder (or SD 1.x single file) and write it")
     c.add_argument("--model", required=True, help="diffusers pipeline folder, or a .safetensors/.ckpt")
     c.add_argument("--out", required=True)
@@ -274,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
-    "sample": cmd_sample, "convert": cmd_convert, "export": cmd_export, "eval": cmd_eval}
+    "sample": cmd_sample, "convert": cmd_convert, "export": cmd_export, "eval": cmd_eval,
+    "cache": cmd_cache}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -285,7 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return COMMANDS[args.command](args) or 0
-    except (CliError, WeightsError, RunError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (CliError, WeightsError, RunError, ValueError, FileNotFoundError, FileExistsError,
+            NotADirectoryError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"lcm-jax {args.command}: error: {msg}", file=sys.stderr)
         return 1

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.world_seed = 0           # shapes world
     c.data.num_examples = 100000
     c.data.cache_size = 0           # >0: encode this many examples once (latent cache), not per step
+    c.data.cache_dir = ""           # an on-disk latent cache (`lcm-jax cache`) to train from instead
     return c
 
 

@@ -11,12 +11,10 @@ checkpoint, loop.
 """
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import signal
 import time
-from typing import Any, Callable, MutableMapping, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -24,17 +22,15 @@ from jax.sharding import Mesh
 
 from lcm_jax import sharding
 from lcm_jax.compilation import enable_compilation_cache
-from lcm_jax.data import LatentCache, Source, make_source
-from lcm_jax.training import checkpoints
+from lcm_jax.data import Source, make_source
+from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
 from lcm_jax.training.samples import make_sample_grid
 from lcm_jax.training.state import METHODS, TrainState, make_init_state, make_optimizer
-from lcm_jax.training.step import (endpoint_row, make_encode, make_eval_endpoint, make_eval_loss,
-                                   make_train_step)
+from lcm_jax.training.step import endpoint_row, make_eval_endpoint, make_eval_loss, make_train_step
 
 EVAL_BATCH_STEP = 2 ** 30   # the fixed eval batch is the source's batch at this step: never trained on
-CACHE_SEED_OFFSET = 2       # the latent cache's VAE posterior draws: PRNGKey(config.seed + 2)
 
 
 class TrainingError(RuntimeError):
@@ -53,32 +49,29 @@ class Setup(NamedTuple):
     source: Source
 
 
-def make_input(config, models: Models, frozen: dict,
-               latent_store: Optional[MutableMapping] = None) -> Source:
-    """The config's data source, behind the latent cache when data.cache_size > 0; adds the
-    unconditional embeddings to `frozen`."""
+def make_input(config, models: Models, frozen: dict) -> Source:
+    """The config's data source; with data.cache_dir, the on-disk latent cache there (made by
+    `lcm-jax cache`); with data.cache_size > 0, the one the trainer makes itself
+    (`latent_cache.default_dir`, kept across launches). Adds the unconditional embeddings to
+    `frozen`."""
     tokenize = tokenize_fn(models)
     if tokenize is not None:
         frozen["uncond_embeds"] = uncond_embeds(models)
     ucfg = models.unet.config
     text_shape = (config.data.text_len, ucfg.cross_attention_dim[0])
     latent_shape = (config.data.latent_size, config.data.latent_size, ucfg.in_channels)
-    source = make_source(config, tokenize, latent_shape, text_shape)
-    if config.data.cache_size and models.vae is not None:
-        encode_fn = jax.jit(make_encode(config, models, with_uncond=False))
-        key = jax.random.PRNGKey(config.seed + CACHE_SEED_OFFSET)
-        chunks = itertools.count()  # each chunk draws its own VAE posterior sample
-        source = LatentCache(
-            source, lambda raw: jax.device_get(encode_fn(frozen, raw, jax.random.fold_in(key, next(chunks)))),
-            config.data.cache_size, seed=config.seed, log=main_process_print, store=latent_store,
-            key=json.dumps([config.model.to_dict(), config.data.to_dict(), config.seed,
-                            jax.process_index(), jax.process_count()], sort_keys=True, default=str))
+    if config.data.cache_dir:
+        source = latent_cache.open_cache(config, config.data.cache_dir)
+    elif config.data.cache_size and models.vae is not None:
+        source = latent_cache.open_cache(config, latent_cache.build(config, models=models, every_process=True))
+    else:
+        source = make_source(config, tokenize, latent_shape, text_shape)
     if "uncond_embeds" not in frozen:
         frozen["uncond_embeds"] = source.uncond_embeds()
     return source
 
 
-def setup(config, mesh: Mesh, latent_store: Optional[MutableMapping] = None) -> Setup:
+def setup(config, mesh: Mesh) -> Setup:
     """Model, input, shardings and the jitted step; nothing trained yet."""
     # ------------------------------------------------------------------ Model
     models = build_models(config)
@@ -87,7 +80,7 @@ def setup(config, mesh: Mesh, latent_store: Optional[MutableMapping] = None) -> 
 
     # ------------------------------------------------------------------ Input
     frozen = dict(models.frozen)
-    source = make_input(config, models, frozen, latent_store)
+    source = make_input(config, models, frozen)
 
     # ------------------------------------------------------------------ Shard
     rules = [tuple(r) for r in config.sharding.rules]
@@ -114,6 +107,8 @@ def _abstract(tree, shardings):
 
 
 def _check_finite(metrics: dict, step: int) -> None:
+    """Stops the run at the first non-finite step. Every process reads the same replicated flag,
+    so all stop at the same step."""
     if not bool(metrics["finite"]):
         raise TrainingError(f"non-finite loss or gradient at step {step} (loss="
                             f"{float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])});"
@@ -121,12 +116,8 @@ def _check_finite(metrics: dict, step: int) -> None:
                             "optim.learning_rate or enable optim.grad_clip.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       latent_store: Optional[MutableMapping] = None) -> TrainState:
-    """The whole run. Resumes from workdir's latest checkpoint; returns the final state.
-
-    `latent_store`: a mapping the caller owns where the latent cache is kept and found again
-    (runs in one process over the same data encode it once)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """The whole run. Resumes from workdir's latest checkpoint; returns the final state."""
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
     os.makedirs(workdir, exist_ok=True)
@@ -138,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # ------------------------------------------------------------------ Mesh / Model / Input / Shard
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    s = setup(config, mesh, latent_store)
+    s = setup(config, mesh)
     source, step_fn = s.source, s.step_fn
     batch_at = lambda step: sharding.shard_batch(
         source.batch(step, jax.process_index(), jax.process_count()), mesh)
@@ -177,11 +168,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sample_grid = make_sample_grid(config, s.models, s.frozen, workdir) if is_main else None
     t_last, step_last = time.time(), start
     try:
+        unchecked = None  # (metrics, step) whose finiteness is read one step late
         for step in range(start, config.total_steps):
             batch = batch0 if step == start else batch_at(step)
             new_state, metrics = step_fn(state, s.frozen, batch)
-            _check_finite(metrics, step + 1)
-            state, done = new_state, step + 1
+            if unchecked is not None:  # the device already holds this step: no idle wait
+                _check_finite(*unchecked)
+            state, done, unchecked = new_state, step + 1, (metrics, step + 1)
+            term = stop["sigterm"]  # read once: the step saved is the step reported
+            save = done % config.checkpoint_every == 0 or done == config.total_steps or term
+            if save or done % config.log_every == 0 or (config.sample_every and done % config.sample_every == 0):
+                _check_finite(*unchecked)  # nothing non-finite is logged, sampled or saved
+                unchecked = None
             if done % config.log_every == 0 or done == config.total_steps:
                 now = time.time()
                 sps = (done - step_last) / max(now - t_last, 1e-9)
@@ -192,11 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 writer.write(done, row)
                 main_process_print(progress_line(done, config.total_steps, row))
                 t_last, step_last = time.time(), done  # steps/s counts training steps only
-            if done % config.checkpoint_every == 0 or done == config.total_steps or stop["sigterm"]:
-                checkpoints.save_checkpoint(mngr, state, force=stop["sigterm"])
+            if save:
+                checkpoints.save_checkpoint(mngr, state, force=term)
             if sample_grid is not None and config.sample_every and done % config.sample_every == 0:
                 sample_grid(state, done)
-            if stop["sigterm"]:
+            if term:
                 print(f"SIGTERM: saved step {done}, exiting", flush=True)
                 break
     finally:

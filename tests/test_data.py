@@ -102,28 +102,3 @@ def test_unknown_source_names_the_registered_ones():
     cfg = ml_collections.ConfigDict({"data": {"source": "webdatset"}})
     with pytest.raises(ValueError, match=r"data.source='webdatset' unknown; choose one of \(.*'folder'"):
         sources.make_source(cfg)
-
-
-def test_latent_cache_serves_encoded_batches_and_is_reused_from_the_callers_store(folder):
-    from lcm_jax.data import LatentCache
-
-    calls = []
-
-    def encode(raw):
-        calls.append(len(raw["input_ids"]))
-        return {"latents": raw["pixel_values"][:, :4, :4] * 2.0, "ids": raw["input_ids"]}
-
-    src = _source(folder, batch=4)
-    store = {}
-    cache = LatentCache(src, encode, size=8, chunk=3, log=lambda _: None, store=store, key="k")
-    assert calls == [3, 3, 2]                       # the first 8 examples, in chunks
-    raw = src.examples(range(8))
-    np.testing.assert_array_equal(cache.arrays["latents"], raw["pixel_values"][:, :4, :4] * 2.0)
-    assert cache.batch(1)["latents"].shape == (4, 4, 4, 3)
-    again = LatentCache(src, encode, size=8, log=lambda _: None, store=store, key="k")
-    assert calls == [3, 3, 2]                       # same key and size: nothing encoded
-    np.testing.assert_array_equal(again.batch(1)["ids"], cache.batch(1)["ids"])
-    LatentCache(src, encode, size=8, log=lambda _: None, store=store, key="other")
-    LatentCache(src, encode, size=6, log=lambda _: None, store=store, key="other")
-    LatentCache(src, encode, size=8, log=lambda _: None, key="k")
-    assert calls == [3, 3, 2, 8, 6, 8]              # a new key or size, or no store: encoded again

@@ -61,12 +61,16 @@ def eta(step: int, total: int, steps_per_s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}"
 
 
+FIRST = ("loss", "eval_loss")  # the progress line's leading fields; the rest follow by name
+
+
 def progress_line(step: int, total: int, row: dict, prefix: str = "step") -> str:
     """'step 10/50 loss 0.01234 eval_loss ... grad_norm 0.123 lr 1.00e-04 4.10 steps/s 33.0 ex/s
     ETA 0:00:09': every number of the row (endpoint errors grouped), then rate and time left."""
     rate = {"steps_per_s", "examples_per_s"}
-    fields = [f"{k} {_number(k, v)}" for k, v in row.items()
-              if k not in rate and not k.startswith("endpoint_mse/")]
+    keys = sorted((k for k in row if k not in rate and not k.startswith("endpoint_mse/")),
+                  key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+    fields = [f"{k} {_number(k, row[k])}" for k in keys]
     text = f"{prefix} {step}/{total} " + " ".join(fields) + endpoint_text(row)
     text += f" {row['steps_per_s']:.2f} steps/s"
     if "examples_per_s" in row:

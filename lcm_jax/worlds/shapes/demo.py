@@ -3,7 +3,7 @@ teacher on CPU, then compare 1-8 step sampling against the teacher's DDIM / DPM-
 
     python -m lcm_jax.demo --workdir=runs/demo        # what `make demo` runs
 
-Writes to the workdir: lcd/ and lora/ (training runs: checkpoints, metrics.jsonl, TensorBoard,
+Writes to the workdir: latents/ (the latent cache both runs read), lcd/ and lora/ (training runs: checkpoints, metrics.jsonl, TensorBoard,
 samples/), grid.png (the same prompts at 1, 2, 4 LCM steps beside the teacher's 50 DDIM steps),
 quality.md and quality.png (the steps-vs-quality table), endpoint.png (the student's one-step
 distance to the teacher's ODE endpoint during distillation).
@@ -33,9 +33,9 @@ def load_config(arg: str | None = None, teacher: str | None = None):
     return config
 
 
-def distill(arg: str | None, workdir: str, steps: int, teacher: str | None = None,
-            latent_store: dict | None = None):
-    """Runs (or resumes) one distillation; returns the pipeline over its student."""
+def distill(arg: str | None, workdir: str, steps: int, teacher: str | None, cache_dir: str):
+    """Runs (or resumes) one distillation on the latent cache in `cache_dir`; returns the
+    pipeline over its student."""
     from lcm_jax import train
     from lcm_jax.runs import pipeline_from_training
     from lcm_jax.training.models import build_models
@@ -44,7 +44,8 @@ def distill(arg: str | None, workdir: str, steps: int, teacher: str | None = Non
     config.total_steps = steps
     config.checkpoint_every = min(config.checkpoint_every, steps)
     config.sample_every = min(config.sample_every, steps)
-    state = train.train_and_evaluate(config, workdir, latent_store=latent_store)
+    config.data.cache_dir = cache_dir
+    state = train.train_and_evaluate(config, workdir)
     return pipeline_from_training(config, build_models(config), state), config
 
 
@@ -64,13 +65,16 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
     from lcm_jax.evaluation.report import (endpoint_markdown, plot_endpoint_errors, plot_table,
                                            read_endpoint_errors, table_markdown)
     from lcm_jax.pipeline import LCMPipeline
+    from lcm_jax.training import latent_cache
     from lcm_jax.training.state import sampling_guidance
     from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
 
     t0 = time.time()
     config = load_config(None, teacher)
+    latents = os.path.join(workdir, "latents")  # encoded once, read by both runs
+    print(f"[0/4] encoding {config.data.cache_size} examples into the latent cache {latents}", flush=True)
+    latent_cache.build(config, latents)
     print(f"[1/4] distilling an LCM from {config.model.teacher} ({lcd_steps} steps)", flush=True)
-    latents = {}  # the LCD and LCM-LoRA runs share one latent cache
     lcm, config = distill(None, os.path.join(workdir, "lcd"), lcd_steps, teacher, latents)
     lora = None
     if lora_steps:
@@ -110,7 +114,7 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
         f.write("\n" + distance + endpoint)
     plot_table(rows, os.path.join(workdir, "quality.png"))
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min. Wrote:")
-    for name in ("lcd", "lora", "grid.png", "quality.md", "quality.png", "endpoint.png"):
+    for name in ("latents", "lcd", "lora", "grid.png", "quality.md", "quality.png", "endpoint.png"):
         if os.path.exists(os.path.join(workdir, name)):
             print(f"  {os.path.join(workdir, name)}")
     print("\n" + table_markdown(rows))
