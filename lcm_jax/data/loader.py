@@ -47,11 +47,11 @@ class Reader(Protocol):
 
 def iterate_batches(produce: Callable[[int], tuple[Batch, dict]], start_step: int,
                     num_workers: int, prefetch: int,
-                    on_counts: Callable[[dict], None] = lambda c: None) -> Iterator[Batch]:
-    """produce(start_step)[0], produce(start_step + 1)[0], ... computed ahead by grain: in
-    `num_workers` processes (mp_prefetch, each worker making whole batches, yielded in step
-    order), or with num_workers=0 in one background thread of this process. `on_counts` receives
-    each yielded batch's counts in the main process."""
+                    finish: Callable[[Batch, dict], Batch]) -> Iterator[Batch]:
+    """finish(*produce(start_step)), finish(*produce(start_step + 1)), ...: `produce` runs ahead
+    in grain, in `num_workers` processes (mp_prefetch, each worker making whole batches, yielded
+    in step order) or with num_workers=0 in one background thread of this process; `finish`
+    runs in this process as each batch is yielded."""
     import grain
     from absl import flags
 
@@ -67,8 +67,7 @@ def iterate_batches(produce: Callable[[int], tuple[Batch, dict]], start_step: in
     iterator = iter(it)
     try:
         for batch, counts in iterator:
-            on_counts(counts)
-            yield batch
+            yield finish(batch, counts)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
@@ -102,9 +101,13 @@ class EncodedImageSource:
         return {f"skipped_{r}": self._counts[f"skipped_{r}"] for r in SKIP_REASONS}
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
-        batch, counts = self.produce(step, process_index, process_count)
+        return self._finish(*self.produce(step, process_index, process_count))
+
+    def _finish(self, batch: Batch, counts: dict) -> Batch:
+        """Counts the batch's substitutions; uint8 pixels to float32 in [-1, 1] (uint8 is what
+        crosses from a worker process: a quarter of the bytes)."""
         self._counts.update(counts)
-        return batch
+        return dict(batch, pixel_values=batch["pixel_values"].astype(np.float32) / 127.5 - 1.0)
 
     def iterate(self, start_step: int, process_index: int = 0, process_count: int = 1,
                 num_workers: Optional[int] = None, prefetch: Optional[int] = None) -> Iterator[Batch]:
@@ -115,15 +118,15 @@ class EncodedImageSource:
         workers = self.num_workers if num_workers is None else num_workers
         depth = self.prefetch if prefetch is None else prefetch
         return iterate_batches(_Produce(self, process_index, process_count), start_step, workers,
-                               depth, self._counts.update)
+                               depth, self._finish)
 
     def produce(self, step: int, process_index: int = 0, process_count: int = 1) -> tuple[Batch, dict]:
-        """(batch `step` of this process, its substitution counts); changes nothing."""
+        """(batch `step` of this process with uint8 pixel_values, its substitution counts);
+        changes nothing."""
         counts = collections.Counter()
         sl = _local_slice(self.global_batch_size, process_index, process_count)
         examples = [self._example(step, slot, counts) for slot in range(sl.start, sl.stop)]
-        pixels = np.stack([e.pixels for e, _ in examples]).astype(np.float32) / 127.5 - 1.0
-        return {"pixel_values": pixels,
+        return {"pixel_values": np.stack([e.pixels for e, _ in examples]),
                 "input_ids": self._tokenize([c for _, c in examples]),
                 "original_size": np.array([e.original_size for e, _ in examples], np.int32),
                 "crop_top_left": np.array([e.crop_top_left for e, _ in examples], np.int32),
