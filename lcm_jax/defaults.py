@@ -76,8 +76,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.rules = [("^.*$", "fsdp")]  # (regex on param path, 'fsdp' | 'replicate')
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "folder"        # 'folder' | 'shapes' | 'synthetic'
-    c.data.path = ""                # image folder with metadata.jsonl
+    c.data.source = "folder"        # 'folder' | 'webdataset' | 'parquet' | 'array_record' | 'shapes' | 'synthetic'
+    c.data.path = ""                # folder with metadata.jsonl; or shards: a folder, glob or brace
+                                    # pattern (shards/{00000..01023}.tar); gs:// works (etils.epath)
+    c.data.index_dir = ""           # webdataset: folder for shard member indexes; "" = beside the shards
+    c.data.image_key = ""           # webdataset member extensions ('jpg;png') | parquet column; "" = auto
+    c.data.caption_key = ""         # webdataset: 'txt' or a .json field | parquet column; "" = auto
+    c.data.filters = ""             # metadata thresholds, e.g. 'aesthetic>=5.0,punsafe<=0.5' (data/filters.py)
+    c.data.min_size = 0             # drop images whose original shorter side is below this; 0 = off
+    c.data.max_aspect_ratio = 0.0   # drop images with longer/shorter side above this; 0 = off
+    c.data.crop = "center"          # 'center' | 'random' (seeded by seed, step, slot: resume is exact)
+    c.data.flip_prob = 0.0          # probability of a horizontal flip
+    c.data.num_workers = 0          # source.iterate: decoding processes; 0 = one thread in-process
+    c.data.prefetch_batches = 2     # source.iterate: batches buffered ahead (per worker)
     c.data.resolution = 512
     c.data.latent_size = 64         # resolution / 8
     c.data.text_len = 77

@@ -12,7 +12,8 @@ and each process reads only its own examples. Sources:
   through grain with seeded shuffling; yields uint8 pixels (as float in [-1, 1]) and token ids.
 
 `config.data.source` names a source in a registry (`register_source`): 'synthetic' and 'folder'
-here; a world adds its own (the shapes world registers 'shapes').
+here; 'webdataset', 'parquet' and 'array_record' in their modules (shards through
+loader.EncodedImageSource); a world adds its own (the shapes world registers 'shapes').
 """
 from __future__ import annotations
 
