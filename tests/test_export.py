@@ -9,6 +9,7 @@ draws as lcm-jax's own pipeline over the in-memory weights.
 import dataclasses
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -59,17 +60,14 @@ def sharded_run(tmp_path_factory):
 # returned arrays. (tracemalloc cannot see them: tensorstore allocates the arrays.) The full
 # TrainState restored the same way, as host arrays, is the reference that must read 4 trees.
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 import jax, numpy as np, orbax.checkpoint as ocp, tensorstore as ts
-from lcm_jax.training.checkpoints import load_run_config, restore_weights
-from lcm_jax.training.models import student_shapes
-from lcm_jax.training.state import make_init_state, make_optimizer
+from lcm_jax.training.checkpoints import abstract_state, load_run_config, restore_weights
 
 workdir, out = sys.argv[1:3]
 
 def full_state():
-    config = load_run_config(workdir)
-    state = jax.eval_shape(make_init_state(config, make_optimizer(config)[0]), student_shapes(config)[1])
+    state = abstract_state(load_run_config(workdir))[1]
     host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state)
     mngr = ocp.CheckpointManager(workdir + "/checkpoints")
     state = mngr.restore(mngr.latest_step(), args=ocp.args.PyTreeRestore(item=state, restore_args=host))
@@ -81,11 +79,10 @@ def bytes_read():
     return m[0]["values"][0]["value"] if m else 0
 
 def measured(fn, tree_of):
-    before, rss = bytes_read(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = bytes_read()
     result = fn()
-    tree = tree_of(result)
-    return result, {"read": bytes_read() - before, "bytes": sum(x.nbytes for x in jax.tree.leaves(tree)),
-                  "maxrss_growth": 1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss)}
+    return result, {"read": bytes_read() - before,
+                    "bytes": sum(x.nbytes for x in jax.tree.leaves(tree_of(result)))}
 
 def save(name, tree):
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree))
@@ -145,12 +142,10 @@ def test_export_bad_step_and_no_ema(sharded_run, tmp_path, capsys):
 
 
 def test_weights_choice_follows_sampling_params():
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    from tiny_lcd import get_config
+    get_config = runpy.run_path(os.path.join(REPO, "configs", "tiny_lcd.py"))["get_config"]
+    from lcm_jax.training.checkpoints import RunError, abstract_state, weights_field
 
-    from lcm_jax.training.checkpoints import RunError, weights_field
-
-    lcd, lora = get_config("lcd"), get_config("lora")
+    lcd, lora = abstract_state(get_config("lcd"))[1], abstract_state(get_config("lora"))[1]
     assert [weights_field(lcd, w) for w in ("sampling", "ema", "online")] == \
         ["target_params", "target_params", "params"]
     assert weights_field(lora, "sampling") == "params"

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lcm_jax.training.models import student_shapes
-from lcm_jax.training.state import TrainState, ema_decay, make_init_state, make_optimizer
+from lcm_jax.training.state import TrainState, make_init_state, make_optimizer, sampling_params
 
 
 class RunError(ValueError):
@@ -87,16 +87,23 @@ class RestoredWeights(NamedTuple):
     step: int
 
 
-def weights_field(config, which: str) -> str:
+def abstract_state(config) -> tuple[Any, TrainState]:
+    """(the trained UNet module, the shapes and dtypes of the run's TrainState), from its config."""
+    unet, shapes = student_shapes(config)
+    return unet, jax.eval_shape(make_init_state(config, make_optimizer(config)[0]), shapes)
+
+
+def weights_field(abstract: TrainState, which: str) -> str:
     """The TrainState field `which` names: 'online' the trained params, 'ema' the EMA target,
-    'sampling' the EMA when the run keeps one, else the params (as `state.sampling_params`)."""
+    'sampling' what `state.sampling_params` picks (the EMA when the run keeps one)."""
     if which not in WEIGHTS:
         raise ValueError(f"weights {which!r} unknown; choose one of {WEIGHTS}")
-    has_ema = ema_decay(config) > 0
-    if which == "ema" and not has_ema:
-        raise RunError(f"the run (method {config.method}) keeps no EMA of its weights; "
+    if which == "ema" and abstract.target_params is None:
+        raise RunError("the run keeps no EMA of its weights (no target_params); "
                        "export 'online' (or 'sampling') weights instead")
-    return "target_params" if which == "ema" or (which == "sampling" and has_ema) else "params"
+    if which == "sampling":
+        return "params" if sampling_params(abstract) is abstract.params else "target_params"
+    return "params" if which == "online" else "target_params"
 
 
 def saved_step(workdir: str, mngr, step: Optional[int] = None) -> int:
@@ -115,9 +122,8 @@ def restore_weights(workdir: str, which: str = "sampling", step: Optional[int] =
     holds the exported weights and nothing else (no optimizer moments, no second copy, no
     device buffers), whatever mesh the run was sharded over."""
     config = load_run_config(workdir)
-    field = weights_field(config, which)
-    unet, shapes = student_shapes(config)
-    abstract = jax.eval_shape(make_init_state(config, make_optimizer(config)[0]), shapes)
+    unet, abstract = abstract_state(config)
+    field = weights_field(abstract, which)
     item = {field: getattr(abstract, field)}
     host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     mngr = checkpoint_manager(workdir, config)
