@@ -2,7 +2,7 @@
 
     lcm-jax sample  --model DIR --prompt "a red circle" --steps 4 --seed 0 --out samples/
     lcm-jax convert --model DIR_OR_FILE --out DIR     # load with lcm-jax, write a diffusers folder
-    lcm-jax export  --workdir runs/x --out DIR        # training run -> diffusers folder / LoRA file
+    lcm-jax export  --workdir runs/x --out DIR [--weights sampling|ema|online] [--lora-format peft|kohya]
     lcm-jax cache   --config CONFIG --out DIR         # encode a dataset once: an on-disk latent cache
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
 
@@ -144,28 +144,27 @@ def _convert_single_file(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """LCD/LCF: the EMA target UNet (what the LCM recipe ships); LCM-LoRA: a PEFT LoRA file."""
+    """LCD/LCF: the EMA target UNet (what the LCM recipe ships) as a diffusers folder; LCM-LoRA: a
+    PEFT or kohya LoRA file. Reads only the exported weights of the checkpoint, on the host."""
     from lcm_jax.convert.export import export_lora, export_pipeline
-    from lcm_jax.training.checkpoints import load_run_config, restore
-    from lcm_jax.training.state import sampling_params
+    from lcm_jax.training.checkpoints import load_run_config, restore_weights
 
     _need_folder(args.workdir, "--workdir")
     config = load_run_config(args.workdir)
-    t0 = stage(1, 2, f"restoring the latest checkpoint of {args.workdir} (method {config.method})")
-    run = restore(args.workdir)
-    done(t0, f" (step {int(run.state.step)})")
+    t0 = stage(1, 2, f"restoring the {args.weights} weights of {args.workdir} (method {config.method})")
+    run = restore_weights(args.workdir, args.weights, args.step)
+    done(t0, f" (step {run.step})")
     t0 = stage(2, 2, f"writing {args.out}")
     if config.method == "lcm_lora":
-        path = export_lora(run.state.params, config.lora.alpha / config.lora.rank, args.out)
+        path = export_lora(run.params, config.lora.alpha / config.lora.rank, args.out, args.lora_format)
         done(t0)
         base = config.model.teacher or "the run's random teacher"
-        print(f"wrote {path}: LCM-LoRA for {base}; "
+        print(f"wrote {path}: LCM-LoRA ({args.lora_format}) for {base}; "
               "sample with `lcm-jax sample --model TEACHER --lora FILE --guidance 1`")
         return
     grid = None if config.method == "diffusion" else (config.loss.num_ddim_timesteps,
                                                       config.loss.timestep_scaling)
-    what = export_pipeline(sampling_params(run.state), run.unet.config, args.out,
-                           config.model.teacher or None, grid)
+    what = export_pipeline(run.params, run.unet.config, args.out, config.model.teacher or None, grid)
     done(t0)
     print(f"wrote {args.out}: {what}")
 
@@ -281,6 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lcm_jax.convert.export import LORA_WRITERS
     from lcm_jax.sampling import SAMPLERS
 
     parser = argparse.ArgumentParser(prog="lcm-jax", description=__doc__.split("\n")[0])
@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="a training workdir's latest checkpoint -> diffusers / LoRA")
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True, help="folder (or a .safetensors path for LoRA runs)")
+    e.add_argument("--weights", choices=("sampling", "ema", "online"), default="sampling",
+                   help="sampling: the EMA when the run keeps one, else the trained weights")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    e.add_argument("--lora-format", choices=sorted(LORA_WRITERS), default="peft",
+                   help="LoRA runs: PEFT/diffusers keys or kohya/A1111 keys")
 
     v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)")
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")

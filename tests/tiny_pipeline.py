@@ -49,20 +49,29 @@ def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
     return model.eval()
 
 
-def build_pipeline(folder: str, time_cond_proj_dim: int | None = 32, seed: int = 0):
-    """Saves the pipeline to `folder` and returns the diffusers pipeline object."""
+# SD 2.x's UNet layout: linear projections in the transformers, a head count per block (diffusers'
+# attention_head_dim), upcast attention; its scheduler predicts v.
+SD2_UNET = dict(UNET, attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=True)
+SD2_SCHEDULER = dict(prediction_type="v_prediction")
+
+
+def build_pipeline(folder: str, time_cond_proj_dim: int | None = 32, seed: int = 0,
+                   unet: dict | None = None, scheduler: dict | None = None):
+    """Saves the pipeline to `folder` and returns the diffusers pipeline object; `unet` and
+    `scheduler` override UNET and the LCMScheduler's arguments (e.g. SD2_UNET, SD2_SCHEDULER)."""
     from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = _perturb(UNet2DConditionModel(**UNET, time_cond_proj_dim=time_cond_proj_dim), seed)
+    unet = _perturb(UNet2DConditionModel(**(unet or UNET), time_cond_proj_dim=time_cond_proj_dim), seed)
     vae = _perturb(AutoencoderKL(**VAE), seed + 1)
     text = _perturb(CLIPTextModel(CLIPTextConfig(**TEXT)), seed + 2)
     write_char_tokenizer(os.path.join(folder, "tokenizer"))
     tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     sched = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1)
+                         set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1,
+                         **(scheduler or {}))
     pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                           scheduler=sched, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)

@@ -109,20 +109,38 @@ def load_lora(path: str, unet_params: Params) -> tuple[Params, float]:
     return traverse_util.unflatten_dict(out), 1.0
 
 
-def save_lora_peft(lora: Params, scale: float, path: str) -> None:
-    """Writes a LoRA tree as diffusers/PEFT safetensors (`unet.<module>.lora_A/B.weight`), with
-    `scale` folded into B so that diffusers' `load_lora_weights` reproduces it (alpha = rank)."""
+def _torch_factors(lora: Params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{torch module name: (down (r, in[, kh, kw]), up (out, r[, 1, 1]))}, the inverse of
+    `_flax_factor`."""
     flat = traverse_util.flatten_dict(lora)
-    tensors = {}
+    out = {}
     for key, up in flat.items():
         if key[-1] != "up":
             continue
         down = np.asarray(flat[key[:-1] + ("down",)], np.float32)
-        name = "unet." + flax_module_path_to_torch(key[:-1])
         a = down.T if down.ndim == 2 else down.transpose(3, 2, 0, 1)
-        b = (np.asarray(up, np.float32) * scale).T
-        if down.ndim == 4:
-            b = b[:, :, None, None]
-        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a)
-        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b)
+        b = np.asarray(up, np.float32).T
+        out[flax_module_path_to_torch(key[:-1])] = (a, b if down.ndim == 2 else b[:, :, None, None])
+    return out
+
+
+def save_lora_peft(lora: Params, scale: float, path: str) -> None:
+    """Writes a LoRA tree as diffusers/PEFT safetensors (`unet.<module>.lora_A/B.weight`), with
+    `scale` folded into B so that diffusers' `load_lora_weights` reproduces it (alpha = rank)."""
+    tensors = {}
+    for name, (a, b) in _torch_factors(lora).items():
+        tensors[f"unet.{name}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"unet.{name}.lora_B.weight"] = np.ascontiguousarray(b * scale)
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+
+
+def save_lora_kohya(lora: Params, scale: float, path: str) -> None:
+    """Writes a LoRA tree as kohya/A1111 safetensors (`lora_unet_<module with _>.lora_down.weight`,
+    `.lora_up.weight` and `.alpha` = scale * rank, so that alpha / rank is `scale`)."""
+    tensors = {}
+    for name, (down, up) in _torch_factors(lora).items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = np.ascontiguousarray(down)
+        tensors[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
+        tensors[f"{key}.alpha"] = np.asarray(scale * down.shape[0], np.float32)
     write_safetensors(path, tensors, metadata={"format": "pt"})

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of a run, and `restore(workdir, step)`: the one way export, eval and tools read
-a run back."""
+"""Orbax checkpoints of a run; `restore(workdir, step)`: the one way eval and tools read a run back,
+and `restore_weights(workdir, which, step)`: one weight tree of it, on the host (what export needs)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,11 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lcm_jax.training.models import student_shapes
-from lcm_jax.training.state import TrainState, make_init_state, make_optimizer
+from lcm_jax.training.state import TrainState, make_init_state, make_optimizer, sampling_params
 
 
 class RunError(ValueError):
@@ -74,3 +75,62 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
     if state is None:
         raise RunError(f"{workdir}/checkpoints holds no finished checkpoint")
     return Restored(config, unet, state)
+
+
+WEIGHTS = ("sampling", "ema", "online")
+
+
+class RestoredWeights(NamedTuple):
+    config: ml_collections.ConfigDict
+    unet: Any            # the trained UNet module
+    params: Any          # one weight tree of numpy arrays (UNet params, or LoRA factors)
+    step: int
+
+
+def abstract_state(config) -> tuple[Any, TrainState]:
+    """(the trained UNet module, the shapes and dtypes of the run's TrainState), from its config."""
+    unet, shapes = student_shapes(config)
+    return unet, jax.eval_shape(make_init_state(config, make_optimizer(config)[0]), shapes)
+
+
+def weights_field(abstract: TrainState, which: str) -> str:
+    """The TrainState field `which` names: 'online' the trained params, 'ema' the EMA target,
+    'sampling' what `state.sampling_params` picks (the EMA when the run keeps one)."""
+    if which not in WEIGHTS:
+        raise ValueError(f"weights {which!r} unknown; choose one of {WEIGHTS}")
+    if which == "ema" and abstract.target_params is None:
+        raise RunError("the run keeps no EMA of its weights (no target_params); "
+                       "export 'online' (or 'sampling') weights instead")
+    if which == "sampling":
+        return "params" if sampling_params(abstract) is abstract.params else "target_params"
+    return "params" if which == "online" else "target_params"
+
+
+def saved_step(workdir: str, mngr, step: Optional[int] = None) -> int:
+    """`step` when the run saved it, else (None) its latest finished step; a RunError otherwise."""
+    if step is not None and step not in mngr.all_steps():
+        raise RunError(f"{workdir}/checkpoints has no step {step}; it holds {sorted(mngr.all_steps())}")
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise RunError(f"{workdir}/checkpoints holds no finished checkpoint")
+    return step
+
+
+def restore_weights(workdir: str, which: str = "sampling", step: Optional[int] = None) -> RestoredWeights:
+    """One weight tree of the run in `workdir` at `step` (default: the latest finished one) as
+    host numpy arrays: orbax reads only that subtree of the saved TrainState, so the restore
+    holds the exported weights and nothing else (no optimizer moments, no second copy, no
+    device buffers), whatever mesh the run was sharded over."""
+    config = load_run_config(workdir)
+    unet, abstract = abstract_state(config)
+    field = weights_field(abstract, which)
+    item = {field: getattr(abstract, field)}
+    host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    mngr = checkpoint_manager(workdir, config)
+    try:
+        step = saved_step(workdir, mngr, step)
+        tree = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=host,
+                                                              partial_restore=True))
+    finally:
+        mngr.close()
+    return RestoredWeights(config, unet, tree[field], step)
