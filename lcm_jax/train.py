@@ -11,10 +11,11 @@ checkpoint, loop.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -106,6 +107,15 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _stream(source: Source, start: int) -> Iterator[dict]:
+    """This process's batches from step `start` on: the source's own prefetching iterator
+    (decode in worker processes) when it has one, else batch(step) in turn."""
+    pi, pc = jax.process_index(), jax.process_count()
+    if hasattr(source, "iterate"):
+        return source.iterate(start, pi, pc)
+    return (source.batch(step, pi, pc) for step in itertools.count(start))
+
+
 def _check_finite(metrics: dict, step: int) -> None:
     """Stops the run at the first non-finite step. Every process reads the same replicated flag,
     so all stop at the same step."""
@@ -133,6 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     source, step_fn = s.source, s.step_fn
     batch_at = lambda step: sharding.shard_batch(
         source.batch(step, jax.process_index(), jax.process_count()), mesh)
+    counters = getattr(source, "counters", dict)  # samples a source skipped (corrupt, filtered)
 
     # ------------------------------------------------------------------ Checkpoint
     mngr = checkpoints.checkpoint_manager(workdir, config)
@@ -169,8 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     t_last, step_last = time.time(), start
     try:
         unchecked = None  # (metrics, step) whose finiteness is read one step late
+        stream = _stream(source, start + 1)  # the next batches, prepared while the device runs
         for step in range(start, config.total_steps):
-            batch = batch0 if step == start else batch_at(step)
+            batch = batch0 if step == start else sharding.shard_batch(next(stream), mesh)
             new_state, metrics = step_fn(state, s.frozen, batch)
             if unchecked is not None:  # the device already holds this step: no idle wait
                 _check_finite(*unchecked)
@@ -184,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 now = time.time()
                 sps = (done - step_last) / max(now - t_last, 1e-9)
                 row = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size)
+                row.update(steps_per_s=sps, examples_per_s=sps * config.batch_size, **counters())
                 if eval_batch is not None and (done % config.eval_every == 0 or done == config.total_steps):
                     row.update(eval_row(state))
                 writer.write(done, row)

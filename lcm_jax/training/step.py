@@ -46,8 +46,9 @@ def make_encode(config, models: Models, with_uncond: bool = True) -> Callable:
             shift = models.vae.shift_factor or 0.0
             out["latents"] = ((z - shift) * models.vae.scaling_factor).astype(jnp.float32)
         b = out["latents"].shape[0]
+        micro = (out.pop("original_size", None), out.pop("crop_top_left", None))  # SDXL only
         if "input_ids" in out and models.text_encoder_2 is not None:  # SDXL, ids (B, 2, L)
-            out.update(_encode_sdxl(config, models, frozen, out.pop("input_ids")))
+            out.update(_encode_sdxl(config, models, frozen, out.pop("input_ids"), *micro))
         elif "input_ids" in out:
             te = models.text_encoder.apply({"params": frozen["text_encoder"]}, out.pop("input_ids"))
             out["prompt_embeds"] = te.last_hidden_state.astype(jnp.float32)
@@ -62,14 +63,20 @@ def make_encode(config, models: Models, with_uncond: bool = True) -> Callable:
     return encode
 
 
-def _encode_sdxl(config, models: Models, frozen, ids: jax.Array) -> dict:
+def _encode_sdxl(config, models: Models, frozen, ids: jax.Array, original_size=None,
+                 crop_top_left=None) -> dict:
     """SDXL conditioning: concatenated penultimate states, pooled embeds and micro-conditioning
-    time_ids (resolution, resolution, 0, 0, resolution, resolution); zero pooled embeds for uncond."""
+    time_ids (original size, crop top-left, target size): the source's own per-example values
+    when it gives them, else (resolution, resolution, 0, 0, resolution, resolution); zero pooled
+    embeds for uncond."""
     embeds, pooled = sdxl_text_embeddings(models.text_encoder, frozen["text_encoder"],
                                           models.text_encoder_2, frozen["text_encoder_2"],
                                           ids[:, 0], ids[:, 1])
     r = config.data.resolution
     time_ids = jnp.asarray(sdxl_time_ids(ids.shape[0], r, r))
+    if original_size is not None and crop_top_left is not None:
+        time_ids = jnp.concatenate([jnp.asarray(original_size, jnp.float32),
+                                    jnp.asarray(crop_top_left, jnp.float32), time_ids[:, 4:]], axis=1)
     pooled = pooled.astype(jnp.float32)
     return {"prompt_embeds": embeds.astype(jnp.float32),
             "added_cond": {"text_embeds": pooled, "time_ids": time_ids},
