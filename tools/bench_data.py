@@ -1,5 +1,7 @@
 """Input throughput: images/s of decode + resize + crop at 512 px through `source.iterate`, from
-webdataset tar shards and from parquet, with 0, 1 and 2 worker processes.
+webdataset tar shards and from parquet, with 0, 1 and 2 worker processes; and beside them a
+small LCD train step's examples/s fed from tar shards against the same step fed one batch over
+and over (does the step wait for input?).
 
     python tools/bench_data.py --images 256 --steps 32 --batch 16
 
@@ -69,6 +71,45 @@ def images_per_second(root: str, images: int = 256, steps: int = 32, batch: int 
     return rates
 
 
+def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers: int = 1) -> dict[str, float]:
+    """Examples/s of one LCD train step (a tiny diffusers teacher at 64 px, VAE encode and text
+    encoder in the step) fed (a) one batch over and over (input costs nothing) and (b) the tar
+    shards through `source.iterate` with `workers` processes, in the same process: equal rates
+    mean the step does not wait for input."""
+    import jax
+    from etils import epath
+
+    from lcm_jax import sharding, train
+    from lcm_jax.defaults import base_config
+    from tests.tiny_pipeline import build_pipeline
+
+    teacher = os.path.join(root, "teacher")
+    build_pipeline(teacher, time_cond_proj_dim=None)
+    shards = fx.write_webdataset(epath.Path(root) / "train_tar", _jpeg_items(128, 96, 128), per_shard=64)
+    c = base_config()
+    c.model.teacher, c.model.time_cond_proj_dim, c.batch_size = teacher, 32, batch
+    c.data.source, c.data.path, c.data.num_workers = "webdataset", str(shards[0].parent), workers
+    c.data.resolution, c.data.latent_size, c.data.text_len = 64, 8, 16
+    mesh = sharding.make_mesh(1, 1)
+    s = train.setup(c, mesh)
+    first = sharding.shard_batch(s.source.batch(0), mesh)
+    step = s.step_fn.lower(s.state, s.frozen, first).compile()
+    state, rates = s.state, {}
+    for name in ("same batch", f"tar shards, {workers} worker(s)"):
+        stream = s.source.iterate(1) if name != "same batch" else None
+        state, m = step(state, s.frozen, first)
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = first if stream is None else sharding.shard_batch(next(stream), mesh)
+            state, m = step(state, s.frozen, batch)
+        jax.block_until_ready(m)
+        rates[name] = steps * batch["pixel_values"].shape[0] / (time.perf_counter() - t0)
+        if stream is not None:
+            stream.close()
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256)
@@ -78,10 +119,14 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
         rates = images_per_second(root, args.images, args.steps, args.batch, args.resolution)
+        train_rates = trainer_input_rates(root)
     print(f"{'source':<12} {'workers':>7} {'images/s':>9}   ({os.cpu_count()} CPUs, "
           f"{args.resolution} px, batch {args.batch})")
     for (kind, w), r in rates.items():
         print(f"{kind:<12} {w:>7} {r:>9.1f}")
+    print("\nLCD train step, tiny teacher at 64 px, batch 8 (examples/s, same process):")
+    for name, r in train_rates.items():
+        print(f"  {name:<28} {r:8.1f}")
 
 
 if __name__ == "__main__":
