@@ -71,11 +71,11 @@ def images_per_second(root: str, images: int = 256, steps: int = 32, batch: int 
     return rates
 
 
-def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers: int = 1) -> dict[str, float]:
+def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers=(0, 1)) -> dict[str, float]:
     """Examples/s of one LCD train step (a tiny diffusers teacher at 64 px, VAE encode and text
     encoder in the step) fed (a) one batch over and over (input costs nothing) and (b) the tar
-    shards through `source.iterate` with `workers` processes, in the same process: equal rates
-    mean the step does not wait for input."""
+    shards through `source.iterate` with each number of `workers` (0: a thread), in the same
+    process: equal rates mean the step does not wait for input."""
     import jax
     from etils import epath
 
@@ -88,15 +88,16 @@ def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers: int
     shards = fx.write_webdataset(epath.Path(root) / "train_tar", _jpeg_items(128, 96, 128), per_shard=64)
     c = base_config()
     c.model.teacher, c.model.time_cond_proj_dim, c.batch_size = teacher, 32, batch
-    c.data.source, c.data.path, c.data.num_workers = "webdataset", str(shards[0].parent), workers
+    c.data.source, c.data.path = "webdataset", str(shards[0].parent)
     c.data.resolution, c.data.latent_size, c.data.text_len = 64, 8, 16
     mesh = sharding.make_mesh(1, 1)
     s = train.setup(c, mesh)
     first = sharding.shard_batch(s.source.batch(0), mesh)
     step = s.step_fn.lower(s.state, s.frozen, first).compile()
     state, rates = s.state, {}
-    for name in ("same batch", f"tar shards, {workers} worker(s)"):
-        stream = s.source.iterate(1) if name != "same batch" else None
+    for w in (None,) + tuple(workers):
+        name = "same batch" if w is None else f"tar shards, {w} worker(s)"
+        stream = None if w is None else s.source.iterate(1, num_workers=w)
         state, m = step(state, s.frozen, first)
         jax.block_until_ready(m)
         t0 = time.perf_counter()
