@@ -1,0 +1,95 @@
+"""A real GCS endpoint for tests: gcp-storage-emulator on 127.0.0.1, in memory, one per session.
+
+    from gcs_emulator import gcs_bucket, gcs_server  # noqa: F401  (pytest fixtures)
+
+    def test_x(gcs_bucket):          # 'gs://<fresh bucket>'; os.environ points every client at it
+        ...
+
+The environment it sets reaches subprocesses that copy os.environ (the trainer tests do):
+gcsfs reads STORAGE_EMULATOR_HOST and, through fsspec's config, token 'anon'; TensorStore (orbax's
+GCS driver) reads TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING. gcsfs's default
+filesystem first asks the Storage Control gRPC API for the bucket's layout, which the emulator
+does not serve (a 60 s timeout per bucket), so the plain one is used.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+HOST = "127.0.0.1"  # loopback only
+START_TIMEOUT_S = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gcp_storage_emulator exited with {proc.returncode}: "
+                               f"{proc.stdout.read()[-2000:]}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"gcp_storage_emulator did not answer on {HOST}:{port} within {timeout:.0f} s")
+
+
+def emulator_env(port: int) -> dict:
+    """The variables that point gcsfs and TensorStore at the emulator, without credentials."""
+    url = f"http://{HOST}:{port}"
+    return {"STORAGE_EMULATOR_HOST": url, "FSSPEC_GCS_TOKEN": "anon",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The emulator's environment (dict); it runs, and os.environ carries it, for the session."""
+    import fsspec
+    import gcsfs.core
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", HOST,
+                             "--port", str(port), "--in-memory", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = emulator_env(port)
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            _wait_for_port(proc, port, START_TIMEOUT_S)
+            for k, v in env.items():
+                mp.setenv(k, v)
+            mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+            for protocol in ("gs", "gcs"):  # in case gcsfs was imported before the variable
+                fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+            gcsfs.core.GCSFileSystem.clear_instance_cache()
+            yield env
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+    """'gs://<name>' of a fresh, empty bucket on the session's emulator."""
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("gs").mkdir(name)
+    return f"gs://{name}"
