@@ -10,6 +10,9 @@ gcsfs reads STORAGE_EMULATOR_HOST and, through fsspec's config, token 'anon'; Te
 GCS driver) reads TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING. gcsfs's default
 filesystem first asks the Storage Control gRPC API for the bucket's layout, which the emulator
 does not serve (a 60 s timeout per bucket), so the plain one is used.
+
+The emulator is started through `python tests/gcs_emulator.py start ...`: its own `start` plus the
+two things of the GCS JSON API that TensorStore relies on and it lacks (`serve`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from http import HTTPStatus
 
 import pytest
 
@@ -61,7 +65,7 @@ def gcs_server():
     import gcsfs.core
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", HOST,
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "start", "--host", HOST,
                              "--port", str(port), "--in-memory", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     env = emulator_env(port)
@@ -93,3 +97,42 @@ def gcs_bucket(gcs_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("gs").mkdir(name)
     return f"gs://{name}"
+
+
+def serve(argv: list[str]) -> None:
+    """gcp_storage_emulator's command line, with what TensorStore's GCS driver needs: downloads
+    carry the object's generation (x-goog-generation; without it every read of an object that
+    exists fails with 'Malformed StorageGeneration'), and a media upload with ifGenerationMatch
+    is refused (412) unless the object's generation matches (0: it must not exist)."""
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    download, insert = objects.download, objects.insert
+
+    def generation(storage, bucket: str, name: str) -> str:
+        try:
+            return storage.get_file_obj(bucket, name)["generation"]
+        except NotFound:
+            return "0"
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            response["x-goog-generation"] = generation(storage, request.params["bucket_name"],
+                                                       request.params["object_id"])
+
+    def insert_if_generation_matches(request, response, storage, *args, **kwargs):
+        want, name = request.query.get("ifGenerationMatch"), request.query.get("name")
+        if want and name and generation(storage, request.params["bucket_name"], name[0]) != want[0]:
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return
+        insert(request, response, storage, *args, **kwargs)
+
+    objects.download, objects.insert = download_with_generation, insert_if_generation_matches
+    from gcp_storage_emulator.__main__ import main  # its route table reads the handlers above
+
+    main(argv)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])
