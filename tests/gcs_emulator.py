@@ -36,12 +36,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(proc: subprocess.Popen, port: int, timeout: float) -> None:
+def _wait_for_port(proc: subprocess.Popen, port: int, timeout: float, log: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gcp_storage_emulator exited with {proc.returncode}: "
-                               f"{proc.stdout.read()[-2000:]}")
+            with open(log) as f:
+                raise RuntimeError(f"gcp_storage_emulator exited with {proc.returncode}: {f.read()[-2000:]}")
         try:
             with socket.create_connection((HOST, port), timeout=0.5):
                 return
@@ -59,19 +59,23 @@ def emulator_env(port: int) -> dict:
 
 
 @pytest.fixture(scope="session")
-def gcs_server():
+def gcs_server(tmp_path_factory):
     """The emulator's environment (dict); it runs, and os.environ carries it, for the session."""
     import fsspec
     import gcsfs.core
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "start", "--host", HOST,
-                             "--port", str(port), "--in-memory", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A file, not a pipe: the server logs a traceback for every client that hangs up early (a
+    # killed run), and a full pipe would stop it.
+    log = str(tmp_path_factory.mktemp("gcs_emulator") / "server.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "start", "--host", HOST,
+                                 "--port", str(port), "--in-memory", "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT)
     env = emulator_env(port)
     with pytest.MonkeyPatch.context() as mp:
         try:
-            _wait_for_port(proc, port, START_TIMEOUT_S)
+            _wait_for_port(proc, port, START_TIMEOUT_S, log)
             for k, v in env.items():
                 mp.setenv(k, v)
             mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
