@@ -14,6 +14,8 @@ setup(
         "flax>=0.10",
         "optax>=0.2",
         "orbax-checkpoint>=0.11",
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",  # gs:// workdirs and model folders (lcm_jax.fs)
         "ml-collections>=0.1.1",
         "absl-py",
         "numpy",
@@ -39,6 +41,7 @@ setup(
             "accelerate",
             "peft>=0.17",
             "pytest>=8",
+            "gcp-storage-emulator>=2024.8",  # tests/gcs_emulator.py
         ],
     },
     entry_points={"console_scripts": ["lcm-jax=lcm_jax.cli:main"]},

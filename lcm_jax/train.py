@@ -12,7 +12,6 @@ checkpoint, loop.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from lcm_jax import sharding
+from lcm_jax import fs, sharding
 from lcm_jax.compilation import enable_compilation_cache
 from lcm_jax.data import Source, make_source
 from lcm_jax.training import checkpoints, latent_cache
@@ -130,12 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """The whole run. Resumes from workdir's latest checkpoint; returns the final state."""
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     enable_compilation_cache(config.compilation_cache_dir or None)  # restarts skip the compile
     is_main = jax.process_index() == 0
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        fs.write_text_atomic(fs.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------------ Mesh / Model / Input / Shard
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)

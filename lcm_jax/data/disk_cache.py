@@ -20,6 +20,7 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 
+from lcm_jax import fs
 from lcm_jax.data.sources import Batch, step_indices
 
 FORMAT = 1
@@ -62,12 +63,13 @@ def manifest_for(config, num_examples: int, chunk: int) -> dict[str, Any]:
     """Everything a cache's contents depend on, from a training config: the VAE and text encoders
     (folder and fingerprint), resolution and shapes, dtype, the posterior draw, the data."""
     folder = config.model.teacher or config.model.components
+    local = fs.local_copy(folder) if folder else ""   # a gs:// teacher: its per-host copy
     data = {k: v for k, v in config.data.to_dict().items() if k not in DATA_KEYS_IGNORED}
     return {
         "format": FORMAT,
         "components": os.path.abspath(folder) if folder else "",
         "components_fingerprint": _folder_fingerprint(
-            folder, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")) if folder else "",
+            local, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")) if folder else "",
         "resolution": int(config.data.resolution),
         "latent_size": int(config.data.latent_size),
         "text_len": int(config.data.text_len),

@@ -1,18 +1,22 @@
 """Image grids: the PNGs people look at (sample grids of training runs, the CLI, the demo)."""
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from lcm_jax import fs
+
 
 def save_grid(images: np.ndarray, path: str, nrow: int, labels: Optional[Sequence[str]] = None,
               pad: int = 2) -> tuple[int, int]:
     """Writes images (N, H, W, 3), float [0, 1] or uint8, as a PNG grid of `nrow` per row.
 
-    `labels`, one per grid row, are drawn in a column on the left. Returns (width, height).
+    `labels`, one per grid row, are drawn in a column on the left; `path` may be a gs:// URL.
+    Returns (width, height).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -33,6 +37,9 @@ def save_grid(images: np.ndarray, path: str, nrow: int, labels: Optional[Sequenc
         grid.paste(Image.fromarray(image), (label_w + pad + c * (w + pad), pad + r * (h + pad)))
     for r, text in enumerate(labels or []):
         draw.text((pad, pad + r * (h + pad) + h // 2 - 6), text, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    fs.makedirs(os.path.dirname(path) or ".")
+    with fs.open(path, "wb") as f:
+        f.write(png.getvalue())
     return grid.size

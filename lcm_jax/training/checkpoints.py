@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lcm_jax import fs
 from lcm_jax.training.models import student_shapes
 from lcm_jax.training.state import TrainState, make_init_state, make_optimizer, sampling_params
 
@@ -22,7 +23,8 @@ class RunError(ValueError):
 def checkpoint_manager(workdir: str, config):
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpointing)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    path = fs.join(workdir, "checkpoints")  # orbax takes gs:// URLs (etils.epath, TensorStore)
+    return ocp.CheckpointManager(path if fs.is_remote(path) else os.path.abspath(path), options=options)
 
 
 def save_checkpoint(mngr, state: TrainState, force: bool = False) -> None:
@@ -40,11 +42,11 @@ def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = N
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a training run saved in workdir/config.json."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = fs.join(workdir, "config.json")
+    if not fs.exists(path):
         raise RunError(f"{workdir} is not a training workdir: it has no config.json")
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             return ml_collections.ConfigDict(json.load(f))
     except json.JSONDecodeError as e:
         raise RunError(f"{path} is not valid JSON ({e}); it is written by lcm_jax.train") from e

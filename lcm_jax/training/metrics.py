@@ -4,29 +4,40 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 
+from lcm_jax import fs
+
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step."""
+    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step.
+
+    A remote workdir (gs://) is written through a local folder published after every write: an
+    object cannot be appended to, so each write replaces metrics.jsonl and the events file whole,
+    one atomic upload each (a kill leaves the previous complete versions; tensorboardX cannot
+    write gs:// through gcsfs)."""
 
     def __init__(self, workdir: str, start_step: int, enabled: bool = True):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled, self.workdir = enabled, workdir
         self.tb = None
         if not enabled:
             return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
+        self.local = tempfile.mkdtemp(prefix="lcm_jax_metrics_") if fs.is_remote(workdir) else workdir
+        self.path = os.path.join(self.local, "metrics.jsonl")
+        run_path = fs.join(workdir, "metrics.jsonl")
+        if fs.exists(run_path):
+            with fs.open(run_path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            fs.write_text_atomic(self.path, "".join(keep))
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
         except ImportError:
             self.tb = None
+        self._publish()
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -37,10 +48,20 @@ class MetricsWriter:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        self._publish()
+
+    def _publish(self) -> None:
+        if self.local != self.workdir:
+            fs.publish_dir(self.local, self.workdir)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self.tb is not None:
             self.tb.close()
+        self._publish()
+        if self.local != self.workdir:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def main_process_print(message: str) -> None:

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from lcm_jax import schedules
+from lcm_jax import fs, schedules
 from lcm_jax.components import load_components
 from lcm_jax.convert.clip import encode_prompt_ids
 from lcm_jax.convert.common import read_config
@@ -165,7 +165,8 @@ def student_shapes(config) -> tuple[Any, Any]:
     `build_models` without loading the teacher's weights or compiling its init (minutes for SD);
     a checkpoint supplies every value."""
     mc = config.model
-    unet_cfg = read_config(os.path.join(mc.teacher, "unet")) if mc.teacher else dict(mc.unet.to_dict())
+    unet_cfg = (read_config(os.path.join(fs.local_copy(mc.teacher), "unet")) if mc.teacher
+                else dict(mc.unet.to_dict()))
     if uses_w_embedding(config):
         unet_cfg = {**unet_cfg, "time_cond_proj_dim": mc.time_cond_proj_dim}
     unet = UNet2DConditionModel.from_config(unet_cfg, dtype=dtype(mc.compute_dtype))

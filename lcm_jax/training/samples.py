@@ -7,13 +7,12 @@ and the samplers; the pipeline is not involved, so training never depends on it.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import sampling, schedules
+from lcm_jax import fs, sampling, schedules
 from lcm_jax.components import decode_latents
 from lcm_jax.evaluation.grids import save_grid
 from lcm_jax.models.layers import guidance_scale_embedding
@@ -58,7 +57,7 @@ def make_sample_grid(config, models: Models, frozen: dict,
     def grid(state: TrainState, step: int) -> str:
         params, rng = sampling_params(state), jax.random.PRNGKey(GRID_SEED)
         rows = [jax.device_get(images(params, frozen, rng, n)) for n in GRID_STEPS]
-        path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+        path = fs.join(workdir, "samples", f"step_{step:06d}.png")
         save_grid(jnp.concatenate(rows), path, nrow=len(prompts),
                   labels=[f"{n} step{'s' if n > 1 else ''}" for n in GRID_STEPS])
         return path
