@@ -146,17 +146,29 @@ def _convert_single_file(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """LCD/LCF: the EMA target UNet (what the LCM recipe ships) as a diffusers folder; LCM-LoRA: a
     PEFT or kohya LoRA file. Reads only the exported weights of the checkpoint, on the host."""
+    import tempfile
+
+    from lcm_jax import fs
     from lcm_jax.convert.export import export_lora, export_pipeline
     from lcm_jax.training.checkpoints import load_run_config, restore_weights
 
-    _need_folder(args.workdir, "--workdir")
+    if not fs.exists(args.workdir):
+        raise CliError(f"--workdir {args.workdir}: no such folder")
     config = load_run_config(args.workdir)
     t0 = stage(1, 2, f"restoring the {args.weights} weights of {args.workdir} (method {config.method})")
     run = restore_weights(args.workdir, args.weights, args.step)
     done(t0, f" (step {run.step})")
     t0 = stage(2, 2, f"writing {args.out}")
+    local_out, remote = args.out, fs.is_remote(args.out)
+    if remote:  # written here, then uploaded whole
+        local_out = os.path.join(tempfile.mkdtemp(prefix="lcm_jax_export_"), os.path.basename(args.out))
     if config.method == "lcm_lora":
-        path = export_lora(run.params, config.lora.alpha / config.lora.rank, args.out, args.lora_format)
+        path = export_lora(run.params, config.lora.alpha / config.lora.rank, local_out, args.lora_format)
+        if remote:  # a file goes into the out's folder, a folder to out itself
+            single = args.out.endswith(".safetensors")
+            fs.publish_dir(os.path.dirname(local_out) if single else local_out,
+                           args.out.rsplit("/", 1)[0] if single else args.out)
+            path = args.out if single else fs.join(args.out, os.path.basename(path))
         done(t0)
         base = config.model.teacher or "the run's random teacher"
         print(f"wrote {path}: LCM-LoRA ({args.lora_format}) for {base}; "
@@ -164,7 +176,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     grid = None if config.method == "diffusion" else (config.loss.num_ddim_timesteps,
                                                       config.loss.timestep_scaling)
-    what = export_pipeline(run.params, run.unet.config, args.out, config.model.teacher or None, grid)
+    teacher = fs.local_copy(config.model.teacher) if config.model.teacher else None
+    what = export_pipeline(run.params, run.unet.config, local_out, teacher, grid)
+    if remote:
+        fs.publish_dir(local_out, args.out)
     done(t0)
     print(f"wrote {args.out}: {what}")
 
