@@ -24,7 +24,6 @@ setup(
         "transformers>=4.40",  # CLIPTokenizer only; no torch needed for it
         "grain>=0.2",
         "array_record",
-        "etils[epath]>=1.5",
         "pyarrow>=14",
         "msgpack>=1.0",
         "braceexpand>=0.1.7",
@@ -33,7 +32,6 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "gcs": ["gcsfs"],  # gs:// data paths through etils.epath
         "test": [
             "torch==2.13.0",
             "diffusers>=0.40",
