@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resolution = 512
     c.data.latent_size = 64         # resolution / 8
     c.data.text_len = 77
-    c.data.caption_dropout = 0.0    # diffusion training: probability of the empty prompt
+    c.data.caption_dropout = 0.0    # probability of the empty prompt (every method)
     c.data.world_seed = 0           # shapes world
     c.data.num_examples = 100000
     c.data.cache_size = 0           # >0: encode this many examples once (latent cache), not per step

@@ -56,7 +56,7 @@ def make_encode(config, models: Models, with_uncond: bool = True) -> Callable:
             return out
         uncond = jnp.broadcast_to(frozen["uncond_embeds"], (b,) + frozen["uncond_embeds"].shape[1:])
         out["uncond_embeds"] = uncond
-        if config.method == "diffusion" and config.data.caption_dropout > 0:
+        if config.data.caption_dropout > 0:  # every method (diffusers' proportion_empty_prompts)
             drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), config.data.caption_dropout, (b,))
             out["prompt_embeds"] = jnp.where(drop[:, None, None], uncond, out["prompt_embeds"])
         return out
