@@ -44,3 +44,22 @@ def test_lcd_on_tar_shards_counts_the_skipped_samples(tmp_path):
         fresh.batch(step)
     assert fresh.counters()["skipped_corrupt"] == rows[-1]["skipped_corrupt"]  # the same draws
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "6")
+
+
+def test_caption_dropout_empties_prompts_for_every_method():
+    import jax
+
+    from lcm_jax.defaults import base_config
+    from lcm_jax.training.step import make_encode
+
+    rng = np.random.default_rng(0)
+    batch = {"latents": rng.standard_normal((64, 2, 2, 4)).astype(np.float32),
+             "prompt_embeds": rng.standard_normal((64, 3, 8)).astype(np.float32)}
+    frozen = {"uncond_embeds": np.zeros((1, 3, 8), np.float32)}
+    for method in ("lcd", "lcm_lora", "diffusion"):
+        c = base_config()
+        c.method, c.data.caption_dropout = method, 0.25
+        out = make_encode(c, None)(frozen, batch, jax.random.PRNGKey(1))
+        dropped = np.all(np.asarray(out["prompt_embeds"]) == 0, axis=(1, 2))
+        kept = np.all(np.asarray(out["prompt_embeds"]) == batch["prompt_embeds"], axis=(1, 2))
+        assert np.all(dropped | kept) and 4 <= dropped.sum() <= 28, (method, dropped.sum())
