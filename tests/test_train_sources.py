@@ -63,3 +63,29 @@ def test_caption_dropout_empties_prompts_for_every_method():
         dropped = np.all(np.asarray(out["prompt_embeds"]) == 0, axis=(1, 2))
         kept = np.all(np.asarray(out["prompt_embeds"]) == batch["prompt_embeds"], axis=(1, 2))
         assert np.all(dropped | kept) and 4 <= dropped.sum() <= 28, (method, dropped.sum())
+
+
+def test_tar_shards_into_the_latent_cache_and_back(tmp_path):
+    """lcm-jax cache over tar shards: examples in dataset order (the bad two replaced by their
+    next index), and a run trains from the cache."""
+    from lcm_jax import train
+    from lcm_jax.data import make_source
+    from lcm_jax.training import latent_cache
+    from lcm_jax.training.models import build_models
+
+    teacher = str(tmp_path / "teacher")
+    build_pipeline(teacher, time_cond_proj_dim=None)
+    write_webdataset(epath.Path(tmp_path / "shards"), make_items(12))
+    config = _config(teacher, str(tmp_path / "shards"))
+    config.data.cache_size = 12
+    models = build_models(config)
+    out = latent_cache.build(config, str(tmp_path / "latents"), chunk=5, models=models)
+    cache = latent_cache.open_cache(config, out)
+    source = make_source(config, lambda caps: np.zeros((len(caps), 16), np.int32))
+    raw = source.examples([2, 3, 4])        # 3 is the truncated JPEG: replaced by 4
+    assert source.counters()["skipped_corrupt"] == 1
+    np.testing.assert_array_equal(raw["pixel_values"][1], raw["pixel_values"][2])
+    got = cache.examples([2, 3, 4])
+    assert got["latents"].shape == (3, 8, 8, 4) and got["prompt_embeds"].shape[1] == 16
+    config.data.cache_dir, config.total_steps = out, 2
+    assert int(train.train_and_evaluate(config, str(tmp_path / "run")).step) == 2

@@ -95,6 +95,7 @@ def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers=(0, 
     first = sharding.shard_batch(s.source.batch(0), mesh)
     step = s.step_fn.lower(s.state, s.frozen, first).compile()
     state, rates = s.state, {}
+    rates["latent cache read"] = _cache_read_rate(c, s.models, os.path.join(root, "latents"), steps, batch)
     for w in (None,) + tuple(workers):
         name = "same batch" if w is None else f"tar shards, {w} worker(s)"
         stream = None if w is None else s.source.iterate(1, num_workers=w)
@@ -111,6 +112,20 @@ def trainer_input_rates(root: str, steps: int = 20, batch: int = 8, workers=(0, 
     return rates
 
 
+def _cache_read_rate(config, models, folder: str, steps: int, batch: int) -> float:
+    """Examples/s of batches read back from an on-disk latent cache of the same shards."""
+    from lcm_jax.training import latent_cache
+
+    config.data.cache_size = 128
+    latent_cache.build(config, folder, chunk=32, models=models, log=lambda _: None)
+    cache = latent_cache.open_cache(config, folder)
+    cache.batch(0)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        cache.batch(step)
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256)
@@ -125,7 +140,8 @@ def main() -> None:
           f"{args.resolution} px, batch {args.batch})")
     for (kind, w), r in rates.items():
         print(f"{kind:<12} {w:>7} {r:>9.1f}")
-    print("\nLCD train step, tiny teacher at 64 px, batch 8 (examples/s, same process):")
+    print("\nLCD train step, tiny teacher at 64 px, batch 8 (examples/s, same process), and the"
+          " latent cache's read rate:")
     for name, r in train_rates.items():
         print(f"  {name:<28} {r:8.1f}")
 

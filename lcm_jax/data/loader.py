@@ -125,18 +125,33 @@ class EncodedImageSource:
         changes nothing."""
         counts = collections.Counter()
         sl = _local_slice(self.global_batch_size, process_index, process_count)
-        examples = [self._example(step, slot, counts) for slot in range(sl.start, sl.stop)]
+        return self._stack([self._example(step, slot, counts) for slot in range(sl.start, sl.stop)]), dict(counts)
+
+    def examples(self, indices) -> Batch:
+        """The examples at dataset `indices`, unshuffled (an unusable one replaced by the next
+        index, and counted); crop/flip seeded by (seed, index). The latent cache reads these."""
+        counts = collections.Counter()
+        rows = [self._first_usable(((int(i) + k) % self.length for k in range(MAX_SUBSTITUTIONS)),
+                                   np.random.default_rng([self.seed, 2 ** 31, int(i)]), counts, f"index {i}")
+                for i in indices]
+        return self._finish(self._stack(rows), dict(counts))
+
+    def _stack(self, examples: list) -> Batch:
         return {"pixel_values": np.stack([e.pixels for e, _ in examples]),
                 "input_ids": self._tokenize([c for _, c in examples]),
                 "original_size": np.array([e.original_size for e, _ in examples], np.int32),
-                "crop_top_left": np.array([e.crop_top_left for e, _ in examples], np.int32),
-                }, dict(counts)
+                "crop_top_left": np.array([e.crop_top_left for e, _ in examples], np.int32)}
 
     def _example(self, step: int, slot: int, counts: collections.Counter):
-        rng = np.random.default_rng([self.seed, step, slot])
         position = step * self.global_batch_size + slot
-        for k in range(MAX_SUBSTITUTIONS):
-            sample = self.reader.read(int(self._order[position + k]))
+        candidates = (int(self._order[position + k]) for k in range(MAX_SUBSTITUTIONS))
+        return self._first_usable(candidates, np.random.default_rng([self.seed, step, slot]), counts,
+                                  f"position {position} of the shuffled order")
+
+    def _first_usable(self, candidates, rng, counts: collections.Counter, where: str):
+        """(transformed image, caption) of the first usable sample among `candidates`."""
+        for index in candidates:
+            sample = self.reader.read(index)
             try:
                 if not sample.caption or not sample.caption.strip():
                     raise SkipSample("no_caption")
@@ -145,9 +160,9 @@ class EncodedImageSource:
                 return self.transform(sample.image, rng, sample.original_size), sample.caption
             except SkipSample as e:
                 counts[f"skipped_{e.reason}"] += 1
-        raise ValueError(f"{self.name}: {MAX_SUBSTITUTIONS} consecutive samples from position "
-                         f"{position} of the shuffled order are unusable ({dict(counts)}); check "
-                         "the data and data.min_size / data.max_aspect_ratio")
+        raise ValueError(f"{self.name}: {MAX_SUBSTITUTIONS} consecutive samples from {where} are "
+                         f"unusable ({dict(counts)}); check the data and data.min_size / "
+                         "data.max_aspect_ratio")
 
 
 class _Produce:
