@@ -63,15 +63,22 @@ def build(config, out: Optional[str] = None, chunk: int = DEFAULT_CHUNK, models:
     todo = [i for i in mine if not os.path.exists(os.path.join(out, disk_cache.shard_name(i, n)))]
     encode = _encoder(config, models)
     key = jax.random.PRNGKey(config.seed + CACHE_SEED_OFFSET)
-    t0 = time.time()
-    for done, i in enumerate(todo, 1):
-        start = i * chunk
-        raw = source.examples(range(start, min(start + chunk, size)))
-        arrays = jax.device_get(encode(raw, jax.random.fold_in(key, i)))
-        disk_cache.write_shard(out, i, n, start, disk_cache.flatten(arrays))
+    t0, pending = time.time(), None
+
+    def write(done: int, i: int, arrays) -> None:
+        disk_cache.write_shard(out, i, n, i * chunk, disk_cache.flatten(jax.device_get(arrays)))
         rate = done / max(time.time() - t0, 1e-9)
         log(f"latent cache: shard {i + 1}/{n} of {out} ({rate * chunk:.0f} examples/s, "
             f"ETA {eta(done, len(todo), rate)})")
+
+    for done, i in enumerate(todo, 1):
+        raw = source.examples(range(i * chunk, min((i + 1) * chunk, size)))
+        arrays = encode(raw, jax.random.fold_in(key, i))  # dispatched: runs while the last shard is written
+        if pending is not None:
+            write(*pending)
+        pending = (done, i, arrays)
+    if pending is not None:
+        write(*pending)
     if not todo:
         log(f"latent cache: {out} is complete ({size} examples)")
     if not every_process:
