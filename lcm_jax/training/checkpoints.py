@@ -62,20 +62,14 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
     """The run in `workdir` at checkpoint `step` (default: the latest finished one), on one local
     device: its config, the trained UNet module and the TrainState."""
     config = load_run_config(workdir)
-    unet, shapes = student_shapes(config)
-    init_state = make_init_state(config, make_optimizer(config)[0])
+    unet, shapes = abstract_state(config)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(init_state, shapes))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     mngr = checkpoint_manager(workdir, config)
     try:
-        if step is not None and step not in mngr.all_steps():
-            raise RunError(f"{workdir}/checkpoints has no step {step}; it holds {sorted(mngr.all_steps())}")
-        state = restore_checkpoint(mngr, abstract, step)
+        state = restore_checkpoint(mngr, abstract, saved_step(workdir, mngr, step))
     finally:
         mngr.close()
-    if state is None:
-        raise RunError(f"{workdir}/checkpoints holds no finished checkpoint")
     return Restored(config, unet, state)
 
 
