@@ -16,6 +16,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "etils[epath]>=1.7",
         "gcsfs>=2024.2",  # gs:// workdirs and model folders (lcm_jax.fs)
+        "filelock>=3.12",  # one download per host of a remote model folder
         "ml-collections>=0.1.1",
         "absl-py",
         "numpy",

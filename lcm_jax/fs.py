@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from typing import IO
 
+import filelock
 from etils import epath
 
 REMOTE_SCHEMES = ("gs://", "s3://", "az://")  # the object stores etils.epath routes to fsspec
@@ -74,29 +75,31 @@ def _url_fs(url: str):
 
 def local_copy(folder: str) -> str:
     """A local path holding `folder`: local paths unchanged; a remote folder is downloaded once per
-    host into cache_dir()/<sha256 of the URL> (a copy without its completion marker, e.g. an
-    interrupted download, is fetched again)."""
+    host into cache_dir()/<sha256 of the URL>. The processes of a host take turns on a file lock,
+    so one downloads and the others find its finished copy; a copy without its completion
+    marker (an interrupted download) is fetched again."""
     if not is_remote(folder):
         return folder
     url = os.fspath(folder).rstrip("/")
     dest = os.path.join(cache_dir(), hashlib.sha256(url.encode()).hexdigest()[:32])
-    if os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
-        return dest
+    os.makedirs(cache_dir(), exist_ok=True)
+    with filelock.FileLock(dest + ".lock"):
+        if not os.path.exists(os.path.join(dest, COMPLETE_MARKER)):
+            _download(url, dest)
+    return dest
+
+
+def _download(url: str, dest: str) -> None:
     ufs, root = _url_fs(url)
     files = ufs.find(root)
     if not files:
         raise FileNotFoundError(f"{url} holds no files: expected a model folder there")
-    os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".partial-", dir=cache_dir())
     ufs.get(files, [os.path.join(tmp, os.path.relpath(f, root)) for f in files])
     with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
         f.write(url + "\n")
     shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier copy
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process of this host finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    os.rename(tmp, dest)
 
 
 def publish_dir(local_dir: str, dest: str) -> str:

@@ -12,7 +12,6 @@ checkpoint, loop.
 from __future__ import annotations
 
 import itertools
-import signal
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -26,6 +25,7 @@ from lcm_jax.data import Source, make_source
 from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
+from lcm_jax.training.preemption import StopRequest
 from lcm_jax.training.samples import make_sample_grid
 from lcm_jax.training.state import METHODS, TrainState, make_init_state, make_optimizer
 from lcm_jax.training.step import endpoint_row, make_eval_endpoint, make_eval_loss, make_train_step
@@ -172,9 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         row = eval_row(state)
         writer.write(0, row)
         main_process_print(f"before distillation: eval_loss {row['eval_loss']:.5f}{endpoint_text(row)}")
-    stop = {"sigterm": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
-    sample_grid = make_sample_grid(config, s.models, s.frozen, workdir) if is_main else None
+    stop = StopRequest()  # SIGTERM to any process: all save the same step and exit
+    sample_grid = make_sample_grid(config, s.models, s.frozen, workdir, mesh)
     t_last, step_last = time.time(), start
     try:
         unchecked = None  # (metrics, step) whose finiteness is read one step late
@@ -185,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if unchecked is not None:  # the device already holds this step: no idle wait
                 _check_finite(*unchecked)
             state, done, unchecked = new_state, step + 1, (metrics, step + 1)
-            term = stop["sigterm"]  # read once: the step saved is the step reported
+            term = stop.reached(done)  # read once: the step saved is the step reported
             save = done % config.checkpoint_every == 0 or done == config.total_steps or term
             if save or done % config.log_every == 0 or (config.sample_every and done % config.sample_every == 0):
                 _check_finite(*unchecked)  # nothing non-finite is logged, sampled or saved
@@ -200,18 +199,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 writer.write(done, row)
                 main_process_print(progress_line(done, config.total_steps, row))
                 t_last, step_last = time.time(), done  # steps/s counts training steps only
+            if sample_grid is not None and config.sample_every and done % config.sample_every == 0:
+                sample_grid(state, done)  # before the save: a resume from `done` finds its grid
             if save:
                 checkpoints.save_checkpoint(mngr, state, force=term)
-            if sample_grid is not None and config.sample_every and done % config.sample_every == 0:
-                sample_grid(state, done)
             if term:
-                print(f"SIGTERM: saved step {done}, exiting", flush=True)
+                print(f"SIGTERM: saved step {done}, exiting (process {jax.process_index()})", flush=True)
                 break
     finally:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
-        signal.signal(signal.SIGTERM, previous)
+        stop.close()
     return state
 
 

@@ -121,6 +121,31 @@ def test_restore_weights_holds_only_the_exported_tree(sharded_run, tmp_path):
         assert res[which]["read"] <= 1.1 * tree, (which, res[which]["read"], tree)
 
 
+def test_writing_the_unet_holds_one_tensor_beyond_the_tree(sharded_run, tmp_path):
+    """What export adds to the restored tree while it writes: transposed kernels are views, and
+    each is made contiguous only while it is written (tracemalloc sees every numpy copy)."""
+    import tracemalloc
+
+    from lcm_jax.convert.unet import load_unet, unet_to_diffusers
+    from lcm_jax.training.checkpoints import restore_weights
+
+    run = restore_weights(sharded_run, "sampling")
+    leaves = jax.tree.leaves(run.params)
+    tree, largest = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        unet_to_diffusers(run.params, run.unet.config, str(tmp_path / "unet"))
+        extra = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    print(f"tree {tree} B, largest tensor {largest} B, writing added {extra} B")
+    assert extra <= largest + 256 * 1024 < tree, (extra, largest, tree)
+    _, back = load_unet(str(tmp_path / "unet"))  # and what it wrote is the tree
+    for a, b in zip(leaves, jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_cli_export_flags_pick_the_weights(sharded_run, tmp_path):
     """--weights online and ema write different UNets, each equal to its checkpoint subtree."""
     from lcm_jax.training.checkpoints import restore_weights

@@ -85,25 +85,26 @@ def read_safetensors(path: str) -> StateDict:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Writes numpy arrays as .safetensors atomically (temp file + rename)."""
+    """Writes numpy arrays as .safetensors atomically (temp file + rename), one tensor at a time:
+    the header comes from shapes and dtypes, and each array (a view, e.g. a transposed kernel, is
+    fine) is copied to a contiguous buffer only while it is written, so writing holds at most one
+    tensor beyond `tensors` (safetensors' own save_file first turns every tensor into bytes)."""
     inv = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": dict(metadata or {})} if metadata else {}
-    offset, blobs = 0, []
+    offset = 0
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keep 0-d
-        blob = arr.tobytes()
+        arr = np.asarray(tensors[key])
         header[key] = {"dtype": inv[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
-        for blob in blobs:
-            f.write(blob)
+        for key in sorted(tensors):
+            f.write(np.ascontiguousarray(tensors[key]).reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
 
 
@@ -297,11 +298,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], shapes: Params, *, sourc
 
 
 def flax_to_torch(params: Params, prefix: str = "") -> StateDict:
-    """Flax tree -> PyTorch-layout state dict with diffusers/transformers names (for export)."""
+    """Flax tree -> PyTorch-layout state dict with diffusers/transformers names (for export). Host
+    arrays come back as views (kernels transposed, not copied); write_safetensors copies one at
+    a time."""
     out: StateDict = {}
     for path, value in traverse_util.flatten_dict(params).items():
         arr, leaf = _to_torch_layout(np.asarray(jax.device_get(value)), path[-1])
-        out[prefix + flax_module_path_to_torch(path[:-1]) + "." + leaf] = np.ascontiguousarray(arr)
+        out[prefix + flax_module_path_to_torch(path[:-1]) + "." + leaf] = arr
     return out
 
 

@@ -1,5 +1,7 @@
 """Sample grids during training: the config's sample prompts at 1, 2 and 4 LCM steps from the
 network that samples (the EMA target, or the LoRA-merged teacher), written to samples/.
+Every process takes part in the sharded computation (the weights are sharded over all hosts);
+process 0 writes the image.
 
 Built on the losses' view of the student (`make_model_fns`), the frozen encoders (`make_encode`)
 and the samplers; the pipeline is not involved, so training never depends on it.
@@ -11,8 +13,9 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from lcm_jax import fs, sampling, schedules
+from lcm_jax import fs, sampling, schedules, sharding
 from lcm_jax.components import decode_latents
 from lcm_jax.evaluation.grids import save_grid
 from lcm_jax.models.layers import guidance_scale_embedding
@@ -24,10 +27,10 @@ GRID_STEPS = (1, 2, 4)
 GRID_SEED = 0
 
 
-def make_sample_grid(config, models: Models, frozen: dict,
-                     workdir: str) -> Optional[Callable[[TrainState, int], str]]:
-    """grid(state, step) -> path of samples/step_XXXXXX.png; None when the run samples nothing
-    (sample_every 0, no VAE or tokenizer, or teacher training)."""
+def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
+                     mesh: Mesh) -> Optional[Callable[[TrainState, int], str]]:
+    """grid(state, step) -> path of samples/step_XXXXXX.png, called on every process; None when
+    the run samples nothing (sample_every 0, no VAE or tokenizer, or teacher training)."""
     if not config.sample_every or models.vae is None or config.method == "diffusion":
         return None
     prompts = list(config.sample_prompts)
@@ -44,7 +47,7 @@ def make_sample_grid(config, models: Models, frozen: dict,
     T = models.schedule.num_train_timesteps
     grids = {n: schedules.lcm_timesteps(n, config.loss.num_ddim_timesteps, T) for n in GRID_STEPS}
 
-    @functools.partial(jax.jit, static_argnums=3)
+    @functools.partial(jax.jit, static_argnums=3, out_shardings=sharding.replicated(mesh))
     def images(params, frozen, rng, num_steps: int):
         rng_lat, rng_steps = jax.random.split(rng)
         latents = jax.random.normal(rng_lat, shape, jnp.float32)
@@ -58,8 +61,9 @@ def make_sample_grid(config, models: Models, frozen: dict,
         params, rng = sampling_params(state), jax.random.PRNGKey(GRID_SEED)
         rows = [jax.device_get(images(params, frozen, rng, n)) for n in GRID_STEPS]
         path = fs.join(workdir, "samples", f"step_{step:06d}.png")
-        save_grid(jnp.concatenate(rows), path, nrow=len(prompts),
-                  labels=[f"{n} step{'s' if n > 1 else ''}" for n in GRID_STEPS])
+        if jax.process_index() == 0:
+            save_grid(jnp.concatenate(rows), path, nrow=len(prompts),
+                      labels=[f"{n} step{'s' if n > 1 else ''}" for n in GRID_STEPS])
         return path
 
     return grid
