@@ -10,9 +10,7 @@ StableDiffusionPipeline. An SDXL folder (text_encoder_2/, tokenizer_2/) is condi
 StableDiffusionXLPipeline: both encoders' penultimate states, the pooled text embeds and the
 (height, width, 0, 0, height, width) micro-conditioning. The whole sample (all UNet steps and the
 VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size), and kept in XLA's
-persistent compilation cache when the caller enables it (`lcm_jax.compilation`); with
-`executables_dir` the compiled program itself is stored (`lcm_jax.executables`), so a new process
-loads it without tracing or compiling.
+persistent compilation cache when the caller enables it (`lcm_jax.compilation`).
 """
 from __future__ import annotations
 
@@ -28,7 +26,6 @@ import numpy as np
 from lcm_jax import sampling, schedules
 from lcm_jax.components import (Components, decode_latents, load_components,
                                 sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
-from lcm_jax.executables import ExecutableCache
 
 SAMPLERS = sampling.SAMPLERS
 
@@ -50,7 +47,7 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
 class LCMPipeline:
     """Text-to-image with a latent consistency model (or its teacher, for baselines)."""
 
-    def __init__(self, components: Components, executables_dir: Optional[str] = None):
+    def __init__(self, components: Components):
         # Weights become device arrays once, here (which reads the memory-mapped files): a call
         # then passes device buffers instead of converting host arrays every time.
         weights = ("unet_params", "vae_params", "text_params", "text_params_2")
@@ -61,16 +58,10 @@ class LCMPipeline:
         self.vae_factor = components.vae.downsample_factor
         self._lora = None            # (factors, scale) of an unfused LoRA
         self._compiled: dict = {}
-        # Opt-in: compiled samplers stored on disk (`lcm_jax.executables`), so a new process skips
-        # trace, lowering and compile. Off by default: on XLA:CPU, loading a stored executable
-        # into a process that has already compiled a similar one can fail at run time
-        # ("Function ... not found"); a fresh process is fine.
-        self._executables = ExecutableCache(executables_dir)
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,
-                        executables_dir: Optional[str] = None) -> "LCMPipeline":
-        return cls(load_components(folder, dtype=dtype, variant=variant), executables_dir)
+    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None) -> "LCMPipeline":
+        return cls(load_components(folder, dtype=dtype, variant=variant))
 
     # ----------------------------------------------------------------------------- LoRA
     def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0) -> None:
@@ -103,8 +94,7 @@ class LCMPipeline:
         ids = [self._token_ids(tok, prompts) for tok in (self.components.tokenizer, self.components.tokenizer_2)
                if tok is not None]
         params = (self.components.text_params, self.components.text_params_2)
-        fingerprint = repr(("text", self.components.text_encoder, self.components.text_encoder_2))
-        return self._executables(self._text_fn, fingerprint, params, *ids)
+        return self._text_fn(params, *ids)
 
     @staticmethod
     def _token_ids(tokenizer, prompts: Sequence[str]) -> jax.Array:
@@ -240,13 +230,7 @@ class LCMPipeline:
             jnp.asarray(latents, jnp.float32))
         args = (params, vae_params, lora_arg, cond, latents, jnp.float32(guidance_scale), rng_steps,
                 None if noises is None else jnp.asarray(noises, jnp.float32))
-        if compile == "whole":
-            # The modules' reprs carry their fields (configs, dtypes, attention implementation).
-            fingerprint = repr(("sample", self.components.unet, self.components.vae,
-                                self.components.schedule, key))
-            images = self._executables(self._compiled[key], fingerprint, *args)
-        else:
-            images = self._compiled[key](*args)
+        images = self._compiled[key](*args)
         return np.asarray(jax.device_get(images), np.float32)
 
     def _place(self, weights, cond, latents):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -22,18 +23,20 @@ from jax.sharding import Mesh
 
 from lcm_jax import fs, sharding
 from lcm_jax.compilation import enable_compilation_cache
+from lcm_jax.config_checks import check_config
 from lcm_jax.data import Source, make_source
+from lcm_jax.errors import DEBUG_ENV, ConfigError, LcmError, print_error, report
 from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
 from lcm_jax.training.samples import make_sample_grid
-from lcm_jax.training.state import METHODS, TrainState, make_init_state, make_optimizer
+from lcm_jax.training.state import TrainState, make_init_state, make_optimizer
 from lcm_jax.training.step import endpoint_row, make_eval_endpoint, make_eval_loss, make_train_step
 
 EVAL_BATCH_STEP = 2 ** 30   # the fixed eval batch is the source's batch at this step: never trained on
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LcmError, RuntimeError):
     """A run that must stop (non-finite loss, bad config); the last good checkpoint stays."""
 
 
@@ -127,13 +130,13 @@ def _check_finite(metrics: dict, step: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """The whole run. Resumes from workdir's latest checkpoint; returns the final state."""
-    if config.method not in METHODS:
-        raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
+    check_config(config, jax.process_count(), jax.device_count())  # before anything is written
+    resume = checkpoints.check_resume(workdir, config)
     fs.makedirs(workdir)
     enable_compilation_cache(config.compilation_cache_dir or None)  # restarts skip the compile
     is_main = jax.process_index() == 0
     if is_main:
-        fs.write_text_atomic(fs.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        checkpoints.write_run_config(workdir, config, resume)
 
     # ------------------------------------------------------------------ Mesh / Model / Input / Shard
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -215,20 +218,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def main(argv) -> None:
+PROG = "lcm_jax.train"
+
+
+def main(argv) -> int:
     from absl import flags, logging
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     flags_ = flags.FLAGS
-    if flags_.num_processes > 1 or flags_.coordinator:
-        # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and SLURM
-        # clusters `--jax_distributed` lets JAX discover the topology itself.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(flags_.coordinator, flags_.num_processes, flags_.process_id)
-    elif flags_.jax_distributed:
-        jax.distributed.initialize()
-    train_and_evaluate(flags_.config, flags_.workdir)
+
+    def run() -> None:
+        if flags_.num_processes > 1 or flags_.coordinator:
+            # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and
+            # SLURM clusters `--jax_distributed` lets JAX discover the topology itself.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(flags_.coordinator, flags_.num_processes, flags_.process_id)
+        elif flags_.jax_distributed:
+            jax.distributed.initialize()
+        train_and_evaluate(flags_.config, flags_.workdir)
+
+    return report(PROG, run, flags_.debug)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or config override (a misspelt field, a wrong type,
+    a missing config file) as one line and exit status 2."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        text = str(e)
+        if len(text) > 1 and text[0] in "'\"" and text[-1] == text[0]:  # a KeyError's repr
+            text = text[1:-1]
+        text = text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                 and a.split("=")[0].rsplit(".", 1)[-1] in text]
+        sys.exit(print_error(PROG, ConfigError(f"{named[0]}: {text}" if named else text),
+                             "--debug" in argv))
 
 
 if __name__ == "__main__":
@@ -241,5 +269,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("coordinator", "", "host:port of process 0 for an explicit multi-process launch")
     flags.DEFINE_integer("num_processes", 1, "number of processes in an explicit launch")
     flags.DEFINE_integer("process_id", 0, "this process's index in an explicit launch")
+    flags.DEFINE_bool("debug", False, f"show the traceback of an error (also ${DEBUG_ENV}=1)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
