@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -28,6 +30,27 @@ from lcm_jax.components import (Components, decode_latents, load_components,
                                 sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
 
 SAMPLERS = sampling.SAMPLERS
+# A pipeline folder's recommended sampling settings (every key optional), beside model_index.json:
+# a file of its own, because diffusers reads every key of model_index.json as a component.
+DEFAULTS_FILE = "lcm_jax_defaults.json"
+BUILTIN_DEFAULTS = {"height": 512, "width": 512, "num_inference_steps": 4, "guidance_scale": 8.5,
+                    "sampler": "lcm"}
+
+
+def sampling_defaults(folder: str) -> dict:
+    """BUILTIN_DEFAULTS updated with the folder's lcm_jax_defaults.json when it has one."""
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.exists(path):
+        return dict(BUILTIN_DEFAULTS)
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    unknown = sorted(set(found) - set(BUILTIN_DEFAULTS)) if isinstance(found, dict) else found
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(BUILTIN_DEFAULTS)}")
+    return {**BUILTIN_DEFAULTS, **found}
 
 
 def check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -35,8 +58,8 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
     """The call's arguments, before anything is loaded or compiled; `factor` is the VAE's."""
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if not (0 <= guidance_scale < float("inf")):  # also NaN
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {factor} (the VAE's "
                          f"downsampling factor), got {height}x{width}")
@@ -127,6 +150,12 @@ class LCMPipeline:
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
         """The sampler's timesteps from this pipeline's scheduler config
         (`schedules.sampler_timesteps`)."""
+        if sampler == "lcm" and timesteps is None:  # LCM picks its steps from a skipping grid
+            grid = original_inference_steps or int(
+                self.components.scheduler_config.get("original_inference_steps", 50))
+            if num_inference_steps > grid:
+                raise ValueError(f"num_inference_steps={num_inference_steps} is more than the LCM "
+                                 f"sampler's {grid} original_inference_steps; use at most {grid}")
         return schedules.sampler_timesteps(sampler, num_inference_steps,
                                            self.components.scheduler_config,
                                            self.components.schedule.num_train_timesteps,
@@ -201,6 +230,8 @@ class LCMPipeline:
         if compile not in ("whole", "model", "none"):
             raise ValueError(f"compile must be 'whole', 'model' or 'none', got {compile!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; give a string or a list of at least one")
         text, pooled = self.encode_prompt(prompts)
         b = len(prompts)
         use_cfg = self.components.unet.config.time_cond_proj_dim is None and guidance_scale > 1.0
