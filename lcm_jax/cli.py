@@ -18,10 +18,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from lcm_jax.errors import DEBUG_ENV, CliError, report
-
-# transformers warns on import that PyTorch is absent; lcm-jax never needs torch.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from lcm_jax.errors import DEBUG_ENV, CliError, quiet_advice, report
 
 
 # =============================================================================================
@@ -62,19 +59,24 @@ def _at_least(value: int, lo: int, flag: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     """Writes one PNG per image and grid.png (rows: prompts, columns: images of a prompt)."""
     from lcm_jax.compilation import CompileMeter, enable_compilation_cache
+    from lcm_jax.components import read_json
     from lcm_jax.evaluation.grids import save_grid
-    from lcm_jax.pipeline import LCMPipeline, check_call
+    from lcm_jax.pipeline import LCMPipeline, check_call, check_steps
 
     _need_folder(args.model, "--model")
     _writable_folder(args.out, "--out")
     _at_least(args.num_images, 1, "--num-images")
+    if args.lora and not os.path.isfile(args.lora):
+        raise CliError(f"--lora {args.lora}: no such file")
     used = resolve_sampling(args)
     check_call(args.steps, args.guidance, args.height, args.width, args.sampler)  # before loading
+    if os.path.exists(os.path.join(args.model, "model_index.json")):  # else loading names it
+        check_steps(args.sampler, args.steps, read_json(os.path.join(
+            args.model, "scheduler", "scheduler_config.json"), "a pipeline folder needs scheduler/"))
     cache_dir = enable_compilation_cache()
     total = 3 + bool(args.lora)
     t0 = stage(1, total, f"loading {args.model}")
     pipe = LCMPipeline.from_pretrained(args.model)
-    pipe.timesteps(args.sampler, args.steps)  # a step count the sampler cannot take, before compiling
     done(t0)
     if args.lora:
         t0 = stage(2, total, f"loading LoRA {args.lora}")
@@ -412,6 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one subcommand; returns the exit status (0 ok, 2 bad input or usage: one line on
     stderr, `lcm-jax CMD: error: ...`)."""
     args = build_parser().parse_args(argv)
+    quiet_advice()
     return report(f"lcm-jax {args.command}", lambda: COMMANDS[args.command](args), args.debug)
 
 

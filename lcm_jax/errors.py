@@ -40,6 +40,12 @@ EXPECTED = (LcmError, ValueError, FileNotFoundError, FileExistsError, NotADirect
             IsADirectoryError, PermissionError)
 
 
+def quiet_advice() -> None:
+    """Entry points: no "PyTorch was not found" advice from transformers (lcm-jax uses only its
+    tokenizers); its real warnings stay on. Call before transformers is imported."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def one_line(error: BaseException) -> str:
     """The first line of the error's message (its type's name when it has none)."""
     text = str(error).strip()

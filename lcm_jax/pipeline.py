@@ -67,6 +67,16 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
 
 
+def check_steps(sampler: str, num_inference_steps: int, scheduler_config: dict,
+                original_inference_steps: Optional[int] = None) -> None:
+    """LCM picks its steps from a skipping grid of original_inference_steps (the scheduler
+    config's, else 50): more steps than that is refused, in the sampler's terms."""
+    grid = original_inference_steps or int(scheduler_config.get("original_inference_steps", 50))
+    if sampler == "lcm" and num_inference_steps > grid:
+        raise ValueError(f"num_inference_steps={num_inference_steps} is more than the LCM "
+                         f"sampler's {grid} original_inference_steps; use at most {grid}")
+
+
 class LCMPipeline:
     """Text-to-image with a latent consistency model (or its teacher, for baselines)."""
 
@@ -150,12 +160,9 @@ class LCMPipeline:
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
         """The sampler's timesteps from this pipeline's scheduler config
         (`schedules.sampler_timesteps`)."""
-        if sampler == "lcm" and timesteps is None:  # LCM picks its steps from a skipping grid
-            grid = original_inference_steps or int(
-                self.components.scheduler_config.get("original_inference_steps", 50))
-            if num_inference_steps > grid:
-                raise ValueError(f"num_inference_steps={num_inference_steps} is more than the LCM "
-                                 f"sampler's {grid} original_inference_steps; use at most {grid}")
+        if timesteps is None:
+            check_steps(sampler, num_inference_steps, self.components.scheduler_config,
+                        original_inference_steps)
         return schedules.sampler_timesteps(sampler, num_inference_steps,
                                            self.components.scheduler_config,
                                            self.components.schedule.num_train_timesteps,

@@ -25,7 +25,7 @@ from lcm_jax import fs, sharding
 from lcm_jax.compilation import enable_compilation_cache
 from lcm_jax.config_checks import check_config
 from lcm_jax.data import Source, make_source
-from lcm_jax.errors import DEBUG_ENV, ConfigError, LcmError, print_error, report
+from lcm_jax.errors import DEBUG_ENV, ConfigError, LcmError, print_error, quiet_advice, report
 from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
@@ -226,6 +226,7 @@ def main(argv) -> int:
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    quiet_advice()
     flags_ = flags.FLAGS
 
     def run() -> None:
