@@ -72,3 +72,24 @@ def report(prog: str, fn: Callable[[], Optional[int]], debug: bool = False) -> i
         return fn() or 0
     except EXPECTED as e:
         return print_error(prog, e, debug)
+
+
+def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for absl's app.run: a bad flag or ml_collections config override (a
+    misspelt field with its "Did you mean", a wrong type, a missing config file) becomes one line
+    naming the flag, and exit status 2."""
+    def parse(argv: list[str]) -> list[str]:
+        from absl import flags
+
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            text = str(e)
+            if len(text) > 1 and text[0] in "'\"" and text[-1] == text[0]:  # a KeyError's repr
+                text = text[1:-1]
+            text = text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+            named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                     and a.split("=")[0].rsplit(".", 1)[-1] in text]
+            sys.exit(print_error(prog, ConfigError(f"{named[0]}: {text}" if named else text),
+                                 "--debug" in argv))
+    return parse

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -25,7 +24,7 @@ from lcm_jax import fs, sharding
 from lcm_jax.compilation import enable_compilation_cache
 from lcm_jax.config_checks import check_config
 from lcm_jax.data import Source, make_source
-from lcm_jax.errors import DEBUG_ENV, ConfigError, LcmError, print_error, quiet_advice, report
+from lcm_jax.errors import DEBUG_ENV, LcmError, absl_flags_parser, quiet_advice, report
 from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
@@ -218,46 +217,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-PROG = "lcm_jax.train"
-
-
-def main(argv) -> int:
+def main(argv) -> None:
     from absl import flags, logging
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     quiet_advice()
     flags_ = flags.FLAGS
-
-    def run() -> None:
-        if flags_.num_processes > 1 or flags_.coordinator:
-            # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and
-            # SLURM clusters `--jax_distributed` lets JAX discover the topology itself.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(flags_.coordinator, flags_.num_processes, flags_.process_id)
-        elif flags_.jax_distributed:
-            jax.distributed.initialize()
-        train_and_evaluate(flags_.config, flags_.workdir)
-
-    return report(PROG, run, flags_.debug)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or config override (a misspelt field, a wrong type,
-    a missing config file) as one line and exit status 2."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        text = str(e)
-        if len(text) > 1 and text[0] in "'\"" and text[-1] == text[0]:  # a KeyError's repr
-            text = text[1:-1]
-        text = text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                 and a.split("=")[0].rsplit(".", 1)[-1] in text]
-        sys.exit(print_error(PROG, ConfigError(f"{named[0]}: {text}" if named else text),
-                             "--debug" in argv))
+    if flags_.num_processes > 1 or flags_.coordinator:
+        # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and SLURM
+        # clusters `--jax_distributed` lets JAX discover the topology itself.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(flags_.coordinator, flags_.num_processes, flags_.process_id)
+    elif flags_.jax_distributed:
+        jax.distributed.initialize()
+    train_and_evaluate(flags_.config, flags_.workdir)
 
 
 if __name__ == "__main__":
@@ -272,4 +246,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("process_id", 0, "this process's index in an explicit launch")
     flags.DEFINE_bool("debug", False, f"show the traceback of an error (also ${DEBUG_ENV}=1)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    prog = "lcm_jax.train"  # expected errors, in flags and in the run: one line, status 2
+    app.run(lambda argv: report(prog, lambda: main(argv), flags.FLAGS.debug),
+            flags_parser=absl_flags_parser(prog))
