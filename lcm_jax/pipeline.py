@@ -59,7 +59,7 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if not (0 <= guidance_scale < float("inf")):  # also NaN
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        raise ValueError(f"guidance_scale must be >= 0 and finite, got {guidance_scale}")
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {factor} (the VAE's "
                          f"downsampling factor), got {height}x{width}")

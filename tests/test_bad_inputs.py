@@ -273,9 +273,9 @@ COMMANDS = [  # (id, argv (places' names in {}), the message after `lcm-jax CMD:
     ("sample_steps_100", [*SAMPLE, "--model", "{pipe}", "--out", "{new}", "--steps", "100"],
      r"num_inference_steps=100 is more than the LCM sampler's 50 original_inference_steps; use at most 50$"),
     ("sample_guidance_nan", [*SAMPLE, "--model", "{pipe}", "--out", "{new}", "--guidance", "nan"],
-     r"guidance_scale must be a finite number >= 0, got nan$"),
+     r"guidance_scale must be >= 0 and finite, got nan$"),
     ("sample_guidance_negative", [*SAMPLE, "--model", "{pipe}", "--out", "{new}", "--guidance", "-1"],
-     r"guidance_scale must be a finite number >= 0, got -1\.0$"),
+     r"guidance_scale must be >= 0 and finite, got -1\.0$"),
     ("sample_height_60", [*SAMPLE, "--model", "{pipe}", "--out", "{new}", "--height", "60"],
      r"height and width must be positive multiples of 8 .* got 60x64$"),
     ("sample_num_images_0", [*SAMPLE, "--model", "{pipe}", "--out", "{new}", "--num-images", "0"],
@@ -346,8 +346,8 @@ def pipe(places):
 
 API = [  # (id, call arguments, the message)
     ("empty_prompt_list", dict(prompt=[]), r"^prompt is an empty list; give a string or a list of at least one$"),
-    ("guidance_nan", dict(prompt="x", guidance_scale=math.nan), r"^guidance_scale must be a finite number >= 0, got nan$"),
-    ("guidance_inf", dict(prompt="x", guidance_scale=math.inf), r"^guidance_scale must be a finite number >= 0, got inf$"),
+    ("guidance_nan", dict(prompt="x", guidance_scale=math.nan), r"^guidance_scale must be >= 0 and finite, got nan$"),
+    ("guidance_inf", dict(prompt="x", guidance_scale=math.inf), r"^guidance_scale must be >= 0 and finite, got inf$"),
     ("steps_100", dict(prompt="x", num_inference_steps=100, height=64, width=64),
      r"^num_inference_steps=100 is more than the LCM sampler's 50 original_inference_steps; use at most 50$"),
     ("steps_0", dict(prompt="x", num_inference_steps=0), r"^num_inference_steps must be >= 1, got 0$"),
