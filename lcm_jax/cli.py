@@ -7,7 +7,7 @@
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
 
 Bad input (a missing folder, a wrong key, a bad size) prints one line `lcm-jax <cmd>: error: ...`
-and exits with status 1; no traceback.
+and exits with status 2; `--debug` (or LCM_JAX_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-class CliError(Exception):
-    """A user mistake: printed as one line, exit status 1."""
+from lcm_jax.errors import DEBUG_ENV, CliError, quiet_advice, report
 
 
 # =============================================================================================
@@ -41,6 +40,17 @@ def _need_folder(path: str, flag: str) -> None:
         raise CliError(f"{flag} {path}: no such folder")
 
 
+def _writable_folder(path: str, flag: str) -> None:
+    """An output folder: new, or an existing folder (checked before any work is done)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{flag} {path}: is a file; give a folder to write into")
+
+
+def _at_least(value: int, lo: int, flag: str) -> None:
+    if value < lo:
+        raise CliError(f"{flag} must be >= {lo}, got {value}")
+
+
 # =============================================================================================
 # sample
 # =============================================================================================
@@ -49,13 +59,20 @@ def _need_folder(path: str, flag: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     """Writes one PNG per image and grid.png (rows: prompts, columns: images of a prompt)."""
     from lcm_jax.compilation import CompileMeter, enable_compilation_cache
+    from lcm_jax.components import read_json
     from lcm_jax.evaluation.grids import save_grid
-    from lcm_jax.pipeline import LCMPipeline, check_call
+    from lcm_jax.pipeline import LCMPipeline, check_call, check_steps
 
     _need_folder(args.model, "--model")
-    if args.num_images < 1:
-        raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    _writable_folder(args.out, "--out")
+    _at_least(args.num_images, 1, "--num-images")
+    if args.lora and not os.path.isfile(args.lora):
+        raise CliError(f"--lora {args.lora}: no such file")
+    used = resolve_sampling(args)
     check_call(args.steps, args.guidance, args.height, args.width, args.sampler)  # before loading
+    if os.path.exists(os.path.join(args.model, "model_index.json")):  # else loading names it
+        check_steps(args.sampler, args.steps, read_json(os.path.join(
+            args.model, "scheduler", "scheduler_config.json"), "a pipeline folder needs scheduler/"))
     cache_dir = enable_compilation_cache()
     total = 3 + bool(args.lora)
     t0 = stage(1, total, f"loading {args.model}")
@@ -67,7 +84,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         done(t0)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     t0 = stage(total - 1, total, f"compiling and sampling {len(prompts)} image(s): {args.steps} "
-               f"{args.sampler} steps, guidance {args.guidance}, {args.height}x{args.width}")
+               f"{args.sampler} steps, guidance {args.guidance}, {args.height}x{args.width} ({used})")
     meter = CompileMeter()
     images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, seed=args.seed, sampler=args.sampler)
@@ -80,6 +97,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
     save_grid(images, grid, nrow=args.num_images)
     done(t0)
     print(f"wrote {len(paths)} image(s) ({os.path.basename(paths[0])} ...) and {grid}")
+
+
+SAMPLING_FLAGS = {"height": "height", "width": "width", "steps": "num_inference_steps",
+                  "guidance": "guidance_scale", "sampler": "sampler"}
+
+
+def resolve_sampling(args: argparse.Namespace) -> str:
+    """Fills the sampling flags not given from the model folder's lcm_jax_defaults.json (else the
+    built-in defaults); returns where they came from, for the progress line."""
+    from lcm_jax.pipeline import DEFAULTS_FILE, sampling_defaults
+
+    defaults = sampling_defaults(args.model)
+    unset = [flag for flag in SAMPLING_FLAGS if getattr(args, flag, None) is None]
+    for flag in unset:
+        setattr(args, flag, defaults[SAMPLING_FLAGS[flag]])
+    source = DEFAULTS_FILE if os.path.exists(os.path.join(args.model, DEFAULTS_FILE)) else "built-in defaults"
+    return f"{', '.join('--' + f for f in unset)} from {source}" if unset else "as given"
 
 
 def _write_pngs(images, num_prompts: int, per_prompt: int, out: str) -> list[str]:
@@ -265,6 +299,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _need_folder(args.teacher, "--teacher")
     _need_folder(args.lcm, "--lcm")
+    _writable_folder(args.out, "--out")
+    _at_least(args.num_prompts, 1, "--num-prompts")
+    for n in args.steps:
+        _at_least(n, 1, "--steps")
     evaluator = load_evaluator(args.evaluator)
     t0 = stage(1, 2, "loading teacher and LCM pipelines")
     teacher, lcm = LCMPipeline.from_pretrained(args.teacher), LCMPipeline.from_pretrained(args.lcm)
@@ -294,39 +332,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # =============================================================================================
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lcm_jax.convert.export import LORA_WRITERS
     from lcm_jax.sampling import SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="lcm-jax", description=__doc__.split("\n")[0])
+    from lcm_jax.pipeline import BUILTIN_DEFAULTS, DEFAULTS_FILE
+
+    fmt = {"formatter_class": _HelpFormatter}
+    parser = argparse.ArgumentParser(prog="lcm-jax", description=__doc__.split("\n")[0], **fmt)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sample", help="text-to-image with a diffusers LCM (or SD) pipeline folder")
+    s = sub.add_parser("sample", help="text-to-image with a diffusers LCM (or SD) pipeline folder", **fmt)
     s.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json)")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    s.add_argument("--steps", type=int, default=4)
-    s.add_argument("--guidance", type=float, default=8.5)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int, default=512)
-    s.add_argument("--width", type=int, default=512)
+    for flag, kind in (("steps", int), ("guidance", float), ("height", int), ("width", int)):
+        builtin = BUILTIN_DEFAULTS[SAMPLING_FLAGS[flag]]
+        s.add_argument(f"--{flag}", type=kind, default=argparse.SUPPRESS,
+                       help=f"default: the model folder's {DEFAULTS_FILE}, else {builtin}")
+    s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    s.add_argument("--sampler", choices=SAMPLERS, default="lcm")
+    s.add_argument("--sampler", choices=SAMPLERS, default=argparse.SUPPRESS,
+                   help=f"default: the model folder's {DEFAULTS_FILE}, else {BUILTIN_DEFAULTS['sampler']}")
     s.add_argument("--lora", help="LCM-LoRA safetensors (PEFT/diffusers or kohya) to fuse in")
-    s.add_argument("--lora-scale", type=float, default=1.0)
+    s.add_argument("--lora-scale", type=float, default=1.0, help="strength of the fused LoRA")
     s.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
 
-    k = sub.add_parser("cache", help="encode a dataset once into an on-disk latent cache")
+    k = sub.add_parser("cache", help="encode a dataset once into an on-disk latent cache", **fmt)
     k.add_argument("--config", required=True, help="training config file, path.py[:arg]")
     k.add_argument("--out", required=True, help="cache folder (an existing one is completed)")
     k.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set data.cache_size=10000 (repeatable)")
     k.add_argument("--chunk", type=int, default=256, help="examples per shard")
 
-    c = sub.add_parser("convert", help="load a pipeline folder (or SD 1.x single file) and write it")
+    c = sub.add_parser("convert", help="load a pipeline folder (or SD 1.x single file) and write it", **fmt)
     c.add_argument("--model", required=True, help="diffusers pipeline folder, or a .safetensors/.ckpt")
     c.add_argument("--out", required=True)
 
-    e = sub.add_parser("export", help="a training workdir's latest checkpoint -> diffusers / LoRA")
+    e = sub.add_parser("export", help="a training workdir's latest checkpoint -> diffusers / LoRA", **fmt)
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True, help="folder (or a .safetensors path for LoRA runs)")
     e.add_argument("--weights", choices=("sampling", "ema", "online"), default="sampling",
@@ -335,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-format", choices=sorted(LORA_WRITERS), default="peft",
                    help="LoRA runs: PEFT/diffusers keys or kohya/A1111 keys")
 
-    v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)")
+    v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)", **fmt)
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")
     v.add_argument("--lcm", required=True, help="LCM pipeline folder (e.g. from lcm-jax export)")
     v.add_argument("--lora", default=None, help="LCM-LoRA safetensors for the teacher (4-step row)")
@@ -358,18 +411,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs one subcommand; returns the exit status (0 ok, 1 bad input, 2 usage / unavailable)."""
+    """Runs one subcommand; returns the exit status (0 ok, 2 bad input or usage: one line on
+    stderr, `lcm-jax CMD: error: ...`)."""
     args = build_parser().parse_args(argv)
-    from lcm_jax.convert.common import WeightsError
-    from lcm_jax.training.checkpoints import RunError
-
-    try:
-        return COMMANDS[args.command](args) or 0
-    except (CliError, WeightsError, RunError, ValueError, FileNotFoundError, FileExistsError,
-            NotADirectoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lcm-jax {args.command}: error: {msg}", file=sys.stderr)
-        return 1
+    quiet_advice()
+    return report(f"lcm-jax {args.command}", lambda: COMMANDS[args.command](args), args.debug)
 
 
 if __name__ == "__main__":

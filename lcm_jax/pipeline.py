@@ -10,14 +10,14 @@ StableDiffusionPipeline. An SDXL folder (text_encoder_2/, tokenizer_2/) is condi
 StableDiffusionXLPipeline: both encoders' penultimate states, the pooled text embeds and the
 (height, width, 0, 0, height, width) micro-conditioning. The whole sample (all UNet steps and the
 VAE decode) is one XLA program, compiled once per (sampler, steps, batch, size), and kept in XLA's
-persistent compilation cache when the caller enables it (`lcm_jax.compilation`); with
-`executables_dir` the compiled program itself is stored (`lcm_jax.executables`), so a new process
-loads it without tracing or compiling.
+persistent compilation cache when the caller enables it (`lcm_jax.compilation`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -28,9 +28,29 @@ import numpy as np
 from lcm_jax import sampling, schedules
 from lcm_jax.components import (Components, decode_latents, load_components,
                                 sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
-from lcm_jax.executables import ExecutableCache
 
 SAMPLERS = sampling.SAMPLERS
+# A pipeline folder's recommended sampling settings (every key optional), beside model_index.json:
+# a file of its own, because diffusers reads every key of model_index.json as a component.
+DEFAULTS_FILE = "lcm_jax_defaults.json"
+BUILTIN_DEFAULTS = {"height": 512, "width": 512, "num_inference_steps": 4, "guidance_scale": 8.5,
+                    "sampler": "lcm"}
+
+
+def sampling_defaults(folder: str) -> dict:
+    """BUILTIN_DEFAULTS updated with the folder's lcm_jax_defaults.json when it has one."""
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.exists(path):
+        return dict(BUILTIN_DEFAULTS)
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    unknown = sorted(set(found) - set(BUILTIN_DEFAULTS)) if isinstance(found, dict) else found
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(BUILTIN_DEFAULTS)}")
+    return {**BUILTIN_DEFAULTS, **found}
 
 
 def check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -38,8 +58,8 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
     """The call's arguments, before anything is loaded or compiled; `factor` is the VAE's."""
     if int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if not (0 <= guidance_scale < float("inf")):  # also NaN
+        raise ValueError(f"guidance_scale must be >= 0 and finite, got {guidance_scale}")
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {factor} (the VAE's "
                          f"downsampling factor), got {height}x{width}")
@@ -47,10 +67,20 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
 
 
+def check_steps(sampler: str, num_inference_steps: int, scheduler_config: dict,
+                original_inference_steps: Optional[int] = None) -> None:
+    """LCM picks its steps from a skipping grid of original_inference_steps (the scheduler
+    config's, else 50): more steps than that is refused, in the sampler's terms."""
+    grid = original_inference_steps or int(scheduler_config.get("original_inference_steps", 50))
+    if sampler == "lcm" and num_inference_steps > grid:
+        raise ValueError(f"num_inference_steps={num_inference_steps} is more than the LCM "
+                         f"sampler's {grid} original_inference_steps; use at most {grid}")
+
+
 class LCMPipeline:
     """Text-to-image with a latent consistency model (or its teacher, for baselines)."""
 
-    def __init__(self, components: Components, executables_dir: Optional[str] = None):
+    def __init__(self, components: Components):
         # Weights become device arrays once, here (which reads the memory-mapped files): a call
         # then passes device buffers instead of converting host arrays every time.
         weights = ("unet_params", "vae_params", "text_params", "text_params_2")
@@ -61,16 +91,10 @@ class LCMPipeline:
         self.vae_factor = components.vae.downsample_factor
         self._lora = None            # (factors, scale) of an unfused LoRA
         self._compiled: dict = {}
-        # Opt-in: compiled samplers stored on disk (`lcm_jax.executables`), so a new process skips
-        # trace, lowering and compile. Off by default: on XLA:CPU, loading a stored executable
-        # into a process that has already compiled a similar one can fail at run time
-        # ("Function ... not found"); a fresh process is fine.
-        self._executables = ExecutableCache(executables_dir)
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,
-                        executables_dir: Optional[str] = None) -> "LCMPipeline":
-        return cls(load_components(folder, dtype=dtype, variant=variant), executables_dir)
+    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None) -> "LCMPipeline":
+        return cls(load_components(folder, dtype=dtype, variant=variant))
 
     # ----------------------------------------------------------------------------- LoRA
     def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0) -> None:
@@ -103,8 +127,7 @@ class LCMPipeline:
         ids = [self._token_ids(tok, prompts) for tok in (self.components.tokenizer, self.components.tokenizer_2)
                if tok is not None]
         params = (self.components.text_params, self.components.text_params_2)
-        fingerprint = repr(("text", self.components.text_encoder, self.components.text_encoder_2))
-        return self._executables(self._text_fn, fingerprint, params, *ids)
+        return self._text_fn(params, *ids)
 
     @staticmethod
     def _token_ids(tokenizer, prompts: Sequence[str]) -> jax.Array:
@@ -137,6 +160,9 @@ class LCMPipeline:
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
         """The sampler's timesteps from this pipeline's scheduler config
         (`schedules.sampler_timesteps`)."""
+        if timesteps is None:
+            check_steps(sampler, num_inference_steps, self.components.scheduler_config,
+                        original_inference_steps)
         return schedules.sampler_timesteps(sampler, num_inference_steps,
                                            self.components.scheduler_config,
                                            self.components.schedule.num_train_timesteps,
@@ -211,6 +237,8 @@ class LCMPipeline:
         if compile not in ("whole", "model", "none"):
             raise ValueError(f"compile must be 'whole', 'model' or 'none', got {compile!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list; give a string or a list of at least one")
         text, pooled = self.encode_prompt(prompts)
         b = len(prompts)
         use_cfg = self.components.unet.config.time_cond_proj_dim is None and guidance_scale > 1.0
@@ -240,13 +268,7 @@ class LCMPipeline:
             jnp.asarray(latents, jnp.float32))
         args = (params, vae_params, lora_arg, cond, latents, jnp.float32(guidance_scale), rng_steps,
                 None if noises is None else jnp.asarray(noises, jnp.float32))
-        if compile == "whole":
-            # The modules' reprs carry their fields (configs, dtypes, attention implementation).
-            fingerprint = repr(("sample", self.components.unet, self.components.vae,
-                                self.components.schedule, key))
-            images = self._executables(self._compiled[key], fingerprint, *args)
-        else:
-            images = self._compiled[key](*args)
+        images = self._compiled[key](*args)
         return np.asarray(jax.device_get(images), np.float32)
 
     def _place(self, weights, cond, latents):

@@ -21,19 +21,21 @@ from jax.sharding import Mesh
 
 from lcm_jax import fs, sharding
 from lcm_jax.compilation import enable_compilation_cache
+from lcm_jax.config_checks import check_config
 from lcm_jax.data import Source, make_source
+from lcm_jax.errors import DEBUG_ENV, LcmError, absl_flags_parser, quiet_advice, report
 from lcm_jax.training import checkpoints, latent_cache
 from lcm_jax.training.metrics import MetricsWriter, endpoint_text, main_process_print, progress_line
 from lcm_jax.training.models import Models, build_models, tokenize_fn, uncond_embeds
 from lcm_jax.training.preemption import StopRequest
 from lcm_jax.training.samples import make_sample_grid
-from lcm_jax.training.state import METHODS, TrainState, make_init_state, make_optimizer
+from lcm_jax.training.state import TrainState, make_init_state, make_optimizer
 from lcm_jax.training.step import endpoint_row, make_eval_endpoint, make_eval_loss, make_train_step
 
 EVAL_BATCH_STEP = 2 ** 30   # the fixed eval batch is the source's batch at this step: never trained on
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LcmError, RuntimeError):
     """A run that must stop (non-finite loss, bad config); the last good checkpoint stays."""
 
 
@@ -127,13 +129,13 @@ def _check_finite(metrics: dict, step: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """The whole run. Resumes from workdir's latest checkpoint; returns the final state."""
-    if config.method not in METHODS:
-        raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}")
+    check_config(config, jax.process_count(), jax.device_count())  # before anything is written
+    resume = checkpoints.check_resume(workdir, config)
     fs.makedirs(workdir)
     enable_compilation_cache(config.compilation_cache_dir or None)  # restarts skip the compile
     is_main = jax.process_index() == 0
     if is_main:
-        fs.write_text_atomic(fs.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        checkpoints.write_run_config(workdir, config, resume)
 
     # ------------------------------------------------------------------ Mesh / Model / Input / Shard
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -219,6 +221,7 @@ def main(argv) -> None:
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    quiet_advice()
     flags_ = flags.FLAGS
     if flags_.num_processes > 1 or flags_.coordinator:
         # Explicit multi-process launch (e.g. several local CPU processes); on TPU pods and SLURM
@@ -240,5 +243,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("coordinator", "", "host:port of process 0 for an explicit multi-process launch")
     flags.DEFINE_integer("num_processes", 1, "number of processes in an explicit launch")
     flags.DEFINE_integer("process_id", 0, "this process's index in an explicit launch")
+    flags.DEFINE_bool("debug", False, f"show the traceback of an error (also ${DEBUG_ENV}=1)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    prog = "lcm_jax.train"  # expected errors, in flags and in the run: one line, status 2
+    app.run(lambda argv: report(prog, lambda: main(argv), flags.FLAGS.debug),
+            flags_parser=absl_flags_parser(prog))

@@ -73,7 +73,7 @@ def test_sample_num_images_per_prompt(folder, tmp_path):
 def test_sample_bad_model_folder(tmp_path, capsys, make, match):
     rc = cli.main(["sample", "--model", make(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert err.startswith("lcm-jax sample: error: ") and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
     assert re.search(match, err), err
@@ -81,7 +81,7 @@ def test_sample_bad_model_folder(tmp_path, capsys, make, match):
 
 def test_sample_bad_size_is_one_line(folder, tmp_path, capsys):
     rc = cli.main(["sample", "--model", folder, "--prompt", "x", "--height", "60", "--out", str(tmp_path)])
-    assert rc == 1
+    assert rc == 2
     assert "multiples of 8" in capsys.readouterr().err
 
 
@@ -102,9 +102,9 @@ def test_convert_folder_round_trips_the_unet(folder, tmp_path):
 
 def test_eval_bad_folders(tmp_path, capsys):
     missing = str(tmp_path / "missing")
-    assert cli.main(["eval", "--teacher", missing, "--lcm", missing]) == 1
+    assert cli.main(["eval", "--teacher", missing, "--lcm", missing]) == 2
     assert f"--teacher {missing}: no such folder" in capsys.readouterr().err
-    assert cli.main(["eval", "--teacher", str(tmp_path), "--lcm", str(tmp_path)]) == 1
+    assert cli.main(["eval", "--teacher", str(tmp_path), "--lcm", str(tmp_path)]) == 2
     assert "no model_index.json" in capsys.readouterr().err
 
 
@@ -235,7 +235,7 @@ def test_export_with_teacher_folder_is_a_complete_pipeline(folder, tmp_path):
 
 
 def test_export_bad_workdir(tmp_path, capsys):
-    assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is not a training workdir: it has no config.json" in capsys.readouterr().err
 
 

@@ -161,7 +161,7 @@ def test_cli_export_flags_pick_the_weights(sharded_run, tmp_path):
 
 
 def test_export_bad_step_and_no_ema(sharded_run, tmp_path, capsys):
-    assert cli.main(["export", "--workdir", sharded_run, "--out", str(tmp_path / "o"), "--step", "7"]) == 1
+    assert cli.main(["export", "--workdir", sharded_run, "--out", str(tmp_path / "o"), "--step", "7"]) == 2
     assert "checkpoints has no step 7; it holds [2]" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 

@@ -111,5 +111,5 @@ def test_cli_cache_refuses_a_file_as_out(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("keep")
     cfg = os.path.join(ROOT, "lcm_jax", "worlds", "shapes", "configs", "shapes_lcd.py")
-    assert cli.main(["cache", "--config", cfg, "--out", str(path), "--set", "data.cache_size=8"]) == 1
+    assert cli.main(["cache", "--config", cfg, "--out", str(path), "--set", "data.cache_size=8"]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err and path.read_text() == "keep"

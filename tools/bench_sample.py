@@ -8,7 +8,7 @@ time_cond_proj_dim 256, CLIP ViT-L/14 text encoder, SD VAE), built with diffuser
 temporary folder, the same prompt, initial latents and re-noising draws, fp32. One sample is
 text encoder + `--steps` UNet calls + VAE decode. Printed side by side: median latency, the
 lcm-jax first call in a fresh compilation cache (cold: trace + XLA compile + run), and the first
-call in a second process that reuses that persistent cache and the stored executables (warm
+call in a second process that reuses that persistent cache (warm
 start; its overhead is that first call minus the same process's second), and max |image diff|.
 """
 from __future__ import annotations
@@ -121,8 +121,8 @@ def jax_first_call(folder: str, cache: str, args, latents: np.ndarray, noises: n
     from lcm_jax.pipeline import LCMPipeline
 
     enable_compilation_cache(cache)
-    t0 = time.perf_counter()  # the warm start loads the stored sampler
-    pipe = LCMPipeline.from_pretrained(folder, executables_dir=os.path.join(cache, "executables"))
+    t0 = time.perf_counter()
+    pipe = LCMPipeline.from_pretrained(folder)
     load_s = time.perf_counter() - t0
     meter = CompileMeter()
     t0 = time.perf_counter()
@@ -131,8 +131,7 @@ def jax_first_call(folder: str, cache: str, args, latents: np.ndarray, noises: n
     trace = sum(v for k, v in d.items() if k.endswith(("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration")))
     return dict(pipe=pipe, images=images, load_s=load_s, first_s=time.perf_counter() - t0,
                 compile_s=meter.seconds, cache_hits=meter.cache_hits, trace_s=trace,
-                cache_load_s=sum(v for k, v in d.items() if "cache_retrieval" in k),
-                exe_loaded=pipe._executables.loaded, exe_load_s=pipe._executables.load_seconds)
+                cache_load_s=sum(v for k, v in d.items() if "cache_retrieval" in k))
 
 
 def sample_jax(pipe, args, latents: np.ndarray, noises: np.ndarray) -> np.ndarray:
@@ -196,8 +195,6 @@ def print_table(args, torch_times, jax_r, child, max_diff) -> None:
          f"{child['cache_hits']} cache hits"),
         ("  of which trace + lower", "-", f"{child['trace_s']:.1f}s", ""),
         ("  of which cache read", "-", f"{child['cache_load_s']:.1f}s", ""),
-        ("  of which stored executables read", "-", f"{child['exe_load_s']:.1f}s",
-         f"{child['exe_loaded']} programs"),
         ("warm start: second call", "-", f"{child['second_s']:.1f}s", ""),
         ("warm start overhead (1st - 2nd)", "-", f"{child['first_s'] - child['second_s']:.1f}s", ""),
     ]

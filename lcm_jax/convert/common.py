@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from lcm_jax.errors import WeightsError  # noqa: F401  (importable here, as before)
+
 Params = Any
 StateDict = dict[str, np.ndarray]
 
@@ -34,10 +36,6 @@ _ST_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded as asked: the message names the file or key."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,12 +129,16 @@ def folder_examples(folder: str, resolution: int) -> tuple[Callable[[int], tuple
 
     def read(i: int) -> tuple[np.ndarray, str]:
         path, text = items[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            s = min(im.size)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
-            return np.asarray(im, np.uint8), text
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except (OSError, SyntaxError) as e:  # truncated or not an image: the run stops, naming it
+            raise ValueError(f"{path}: cannot decode this image ({e}); replace it or drop its "
+                             f"line from {os.path.join(folder, 'metadata.jsonl')}") from e
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+        return np.asarray(im, np.uint8), text
 
     return read, len(items)
 

@@ -12,12 +12,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lcm_jax import fs
+from lcm_jax.errors import ConfigError, RunError
 from lcm_jax.training.models import student_shapes
 from lcm_jax.training.state import TrainState, make_init_state, make_optimizer, sampling_params
 
 
-class RunError(ValueError):
-    """A workdir that cannot be read back (no config.json, no such checkpoint)."""
 
 
 def checkpoint_manager(workdir: str, config):
@@ -38,6 +37,75 @@ def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = N
     if step is None:
         return None
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+# Fields a resumed run may change: none of them changes the saved state's structure, shapes or
+# meaning (how long, how often to log/evaluate/save/sample, the learning-rate schedule, input
+# throughput). Any other change is accepted only when the state's shapes stay the same and the
+# method does not change.
+RESUMABLE = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing",
+             "eval_every", "sample_every", "eval_endpoint_timesteps", "eval_endpoint_batch",
+             "compilation_cache_dir", "sample_prompts", "optim.learning_rate", "optim.schedule",
+             "optim.warmup_steps", "data.num_workers", "data.prefetch_batches")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "unet":  # model.unet is compared as one value
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_fields(old: dict, new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (saved value, new value)} for the fields whose values differ between a saved
+    config.json (as loaded from JSON) and `new` (compared in JSON form: tuples as lists)."""
+    a, b = _flat(old), _flat(json.loads(new.to_json_best_effort()))
+    missing = "<absent>"
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, missing) != b.get(k, missing)}
+
+
+def _state_signature(config) -> tuple:
+    shapes = abstract_state(config)[1]
+    return jax.tree.structure(shapes), [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict) -> tuple[Optional[int], list[str]]:
+    """(the step a run in `workdir` resumes from or None, the config fields it changes). Refuses
+    (ConfigError naming the fields) a workdir that is a file, and a change of method or of the
+    saved state's structure, shapes or dtypes; reads only config.json and the checkpoint names."""
+    if not fs.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: is a file; give a folder (new or a run's)")
+    path, ckpts = fs.join(workdir, "config.json"), fs.join(workdir, "checkpoints")
+    steps = ocp.path.step.checkpoint_steps(ckpts) if fs.exists(ckpts) else []
+    if not steps or not fs.exists(path):
+        return None, []
+    old = load_run_config(workdir)
+    changed = changed_fields(old.to_dict(), config)
+    unsafe = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE]
+    if unsafe and (old.method != config.method or _state_signature(old) != _state_signature(config)):
+        raise ConfigError(f"{workdir} holds a run (checkpoint step {max(steps)}) whose saved state "
+                          f"this config cannot restore: it changes {', '.join(unsafe)}; resume "
+                          f"with the values in {path} or start a new --workdir")
+    return max(steps), sorted(changed)
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict,
+                     resume: tuple[Optional[int], list[str]]) -> None:
+    """Writes workdir/config.json; a resume that changes fields (`resume`, from `check_resume`)
+    first keeps the previous config beside it as config.<step>.json (the step it ran up to)."""
+    step, changed = resume
+    path = fs.join(workdir, "config.json")
+    if changed:
+        kept = fs.join(workdir, f"config.{step}.json")
+        with fs.open(path) as f:
+            fs.write_text_atomic(kept, f.read())
+        print(f"resuming at step {step} with changed {', '.join(changed)}; the previous config is "
+              f"kept as {kept}", flush=True)
+    fs.write_text_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
