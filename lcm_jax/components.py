@@ -111,3 +111,11 @@ def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:
     z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
     image = vae.apply({"params": vae_params}, z, method="decode")
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def encode_images(vae, vae_params, pixels: jax.Array, noise: jax.Array) -> jax.Array:
+    """Pixels in [-1, 1] (B, H, W, 3) -> scaled latents, the posterior sampled with `noise`
+    (mean + std * noise, as diffusers' retrieve_latents given that draw)."""
+    post = vae.apply({"params": vae_params}, pixels, method="encode")
+    z = post.mean + post.std * noise.astype(post.mean.dtype)
+    return ((z - (vae.shift_factor or 0.0)) * vae.scaling_factor).astype(jnp.float32)

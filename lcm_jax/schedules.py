@@ -387,11 +387,16 @@ def dpm_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray, final_sigmas_type
     return np.concatenate([sigmas, [last]]).astype(np.float32)
 
 
+def check_strength(strength: float) -> None:
+    """img2img/inpainting strength: the fraction of the noise schedule run, in (0, 1]."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+
 def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
     """The tail of a teacher sampler's schedule that img2img runs from a noised image: the last
     int(len * strength) timesteps (diffusers' get_timesteps, first-order schedulers)."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    check_strength(strength)
     n = len(timesteps)
     keep = min(int(n * strength), n)
     if keep == 0:
