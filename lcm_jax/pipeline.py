@@ -150,13 +150,19 @@ class LCMPipeline:
     # ----------------------------------------------------------------------------- sampling
     def timesteps(self, sampler: str, num_inference_steps: int,
                   original_inference_steps: Optional[int] = None,
-                  timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+                  timesteps: Optional[Sequence[int]] = None, strength: float = 1.0,
+                  lcm_img2img: bool = False) -> np.ndarray:
         """The sampler's timesteps from this pipeline's scheduler config
-        (`schedules.sampler_timesteps`)."""
-        return schedules.sampler_timesteps(sampler, num_inference_steps,
-                                           self.components.scheduler_config,
-                                           self.components.schedule.num_train_timesteps,
-                                           original_inference_steps, timesteps)
+        (`schedules.sampler_timesteps`). img2img/inpainting (strength < 1): with `lcm_img2img` (a
+        w-conditioned LCM, as LatentConsistencyModelImg2ImgPipeline) LCM/TCD pick
+        `num_inference_steps` from the strength-limited grid; otherwise (as
+        StableDiffusionImg2Img/InpaintPipeline) the last int(num_inference_steps x strength)."""
+        schedules.check_strength(strength)
+        ts = schedules.sampler_timesteps(sampler, num_inference_steps, self.components.scheduler_config,
+                                         self.components.schedule.num_train_timesteps,
+                                         original_inference_steps, timesteps,
+                                         strength if lcm_img2img else 1.0)
+        return ts if lcm_img2img else schedules.img2img_timesteps(ts, strength)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """NHWC shape of the starting noise for images of height x width."""
@@ -176,21 +182,6 @@ class LCMPipeline:
         """The UNet's output for latents x at timesteps t (no guidance)."""
         return self.components.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond,
                                  added_cond_kwargs=added)
-
-    def edit_timesteps(self, sampler: str, num_inference_steps: int, strength: float,
-                       original_inference_steps: Optional[int] = None,
-                       timesteps: Optional[Sequence[int]] = None, lcm_img2img: bool = False) -> np.ndarray:
-        """The timesteps of an img2img or inpainting run. `lcm_img2img` (a w-conditioned LCM's
-        img2img, as LatentConsistencyModelImg2ImgPipeline): LCM/TCD pick `num_inference_steps`
-        from the strength-limited grid; otherwise (StableDiffusionImg2Img/InpaintPipeline) the
-        last int(num_inference_steps x strength) steps of the whole schedule."""
-        schedules.check_strength(strength)
-        if lcm_img2img:
-            return schedules.sampler_timesteps(sampler, num_inference_steps, self.components.scheduler_config,
-                                               self.components.schedule.num_train_timesteps,
-                                               original_inference_steps, timesteps, strength)
-        whole = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
-        return schedules.img2img_timesteps(whole, strength)
 
     def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str,
                      num_inference_steps: Optional[int] = None, edit: Optional[tuple] = None):
@@ -263,12 +254,12 @@ class LCMPipeline:
         """Images (B, H, W, 3) in [0, 1] from `image` ((B,) H, W, 3 in [0, 1], uint8 or PIL; its
         size is the output's) noised to `strength` and denoised towards `prompt`: a w-conditioned
         LCM as LatentConsistencyModelImg2ImgPipeline, any other UNet (teacher, LCM-LoRA) as
-        StableDiffusionImg2ImgPipeline (`edit_timesteps`). `noise` (added to the image's latents),
+        StableDiffusionImg2ImgPipeline (`timesteps`). `noise` (added to the image's latents),
         `posterior_noise` (the VAE encode's draw) and `noises` replace the seeded draws."""
         images = edits.as_images(image, self.vae_factor)
         w_cond = self.components.unet.config.time_cond_proj_dim is not None
-        ts = self.edit_timesteps(sampler, num_inference_steps, strength, original_inference_steps,
-                                 timesteps, lcm_img2img=w_cond)
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength,
+                            lcm_img2img=w_cond)
         run = _Run(sampler, ts, num_inference_steps, guidance_scale, negative_prompt, gamma, seed, noises,
                    debug, compile, ("img2img", False))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
@@ -296,7 +287,7 @@ class LCMPipeline:
             raise ValueError(f"inpainting needs a UNet of {latent_ch} or {2 * latent_ch + 1} input channels "
                              f"(latents, or latents + mask + masked-image latents); this one has {in_ch}")
         kind = "inpaint" if in_ch == latent_ch else "inpaint9"
-        ts = self.edit_timesteps(sampler, num_inference_steps, strength, original_inference_steps, timesteps)
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength)
         run = _Run(sampler, ts, num_inference_steps, guidance_scale, negative_prompt, gamma, seed, noises,
                    debug, compile, (kind, strength == 1.0))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
