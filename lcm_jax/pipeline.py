@@ -257,11 +257,12 @@ class LCMPipeline:
         StableDiffusionImg2ImgPipeline (`timesteps`). `noise` (added to the image's latents),
         `posterior_noise` (the VAE encode's draw) and `noises` replace the seeded draws."""
         images = edits.as_images(image, self.vae_factor)
+        check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
         w_cond = self.components.unet.config.time_cond_proj_dim is not None
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength,
                             lcm_img2img=w_cond)
-        run = _Run(sampler, ts, num_inference_steps, guidance_scale, negative_prompt, gamma, seed, noises,
-                   debug, compile, ("img2img", False))
+        run = _Run(sampler, ts, num_inference_steps, guidance_scale,
+                   negative_prompt, gamma, seed, noises, debug, compile, ("img2img", False))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
                               {"image": images, "posterior_noise": posterior_noise})
 
@@ -281,6 +282,7 @@ class LCMPipeline:
         `masked_posterior_noise` (the masked image's, 9 channels) and `noises` replace the
         seeded draws."""
         images = edits.as_images(image, self.vae_factor)
+        check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
         mask = edits.as_mask(mask_image, images)
         in_ch, latent_ch = self.components.unet.config.in_channels, self.components.vae.latent_channels
         if in_ch not in (latent_ch, 2 * latent_ch + 1):
@@ -288,8 +290,8 @@ class LCMPipeline:
                              f"(latents, or latents + mask + masked-image latents); this one has {in_ch}")
         kind = "inpaint" if in_ch == latent_ch else "inpaint9"
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength)
-        run = _Run(sampler, ts, num_inference_steps, guidance_scale, negative_prompt, gamma, seed, noises,
-                   debug, compile, (kind, strength == 1.0))
+        run = _Run(sampler, ts, num_inference_steps, guidance_scale,
+                   negative_prompt, gamma, seed, noises, debug, compile, (kind, strength == 1.0))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
                               {"image": images, "mask": mask, "posterior_noise": posterior_noise,
                                "masked_posterior_noise": masked_posterior_noise})
