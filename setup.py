@@ -23,6 +23,7 @@ setup(
         "ml_dtypes",
         "safetensors>=0.4",
         "transformers>=4.40",  # CLIPTokenizer only; no torch needed for it
+        "huggingface_hub>=0.23",  # from_pretrained("org/name") (lcm_jax.hub)
         "grain>=0.2",
         "array_record",
         "pyarrow>=14",

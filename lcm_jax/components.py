@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import fs, schedules
+from lcm_jax import hub, schedules
 from lcm_jax.convert.clip import load_text_encoder, load_tokenizer
 from lcm_jax.convert.common import WeightsError
 from lcm_jax.convert.unet import load_unet
@@ -62,9 +62,10 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
 
     with_unet=False loads everything but the UNet (a teacher trained from scratch on top of an
     existing VAE and text encoder); the unet fields are then None. A gs:// folder is read from
-    its local copy (`fs.local_copy`: downloaded once per host).
+    its local copy (`fs.local_copy`: downloaded once per host); a Hugging Face Hub id
+    "org/name" from the Hub cache (`hub.local_folder`).
     """
-    folder = fs.local_copy(folder)
+    folder = hub.local_folder(folder, variant)
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         raise WeightsError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json "
                            "(expected subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
@@ -111,3 +112,11 @@ def decode_latents(vae, vae_params, z: jax.Array) -> jax.Array:
     z = z / vae.scaling_factor + (vae.shift_factor or 0.0)
     image = vae.apply({"params": vae_params}, z, method="decode")
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def encode_images(vae, vae_params, pixels: jax.Array, noise: jax.Array) -> jax.Array:
+    """Pixels in [-1, 1] (B, H, W, 3) -> scaled latents, the posterior sampled with `noise`
+    (mean + std * noise, as diffusers' retrieve_latents given that draw)."""
+    post = vae.apply({"params": vae_params}, pixels, method="encode")
+    z = post.mean + post.std * noise.astype(post.mean.dtype)
+    return ((z - (vae.shift_factor or 0.0)) * vae.scaling_factor).astype(jnp.float32)

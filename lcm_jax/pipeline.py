@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import sampling, schedules
+from lcm_jax import edits, sampling, schedules
 from lcm_jax.components import (Components, decode_latents, load_components,
                                 sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
 
@@ -51,6 +51,22 @@ def sampling_defaults(folder: str) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(BUILTIN_DEFAULTS)}")
     return {**BUILTIN_DEFAULTS, **found}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One call's sampling arguments (`edit`: (kind, starts from pure noise) or None)."""
+    sampler: str
+    ts: np.ndarray
+    num_inference_steps: Optional[int]
+    guidance_scale: float
+    negative_prompt: Optional[Union[str, Sequence[str]]]
+    gamma: float
+    seed: int
+    noises: Optional[np.ndarray]
+    debug: bool
+    compile: str
+    edit: Optional[tuple] = None
 
 
 def check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -157,21 +173,27 @@ class LCMPipeline:
     # ----------------------------------------------------------------------------- sampling
     def timesteps(self, sampler: str, num_inference_steps: int,
                   original_inference_steps: Optional[int] = None,
-                  timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+                  timesteps: Optional[Sequence[int]] = None, strength: float = 1.0,
+                  lcm_img2img: bool = False) -> np.ndarray:
         """The sampler's timesteps from this pipeline's scheduler config
-        (`schedules.sampler_timesteps`)."""
+        (`schedules.sampler_timesteps`). img2img/inpainting (strength < 1): with `lcm_img2img` (a
+        w-conditioned LCM, as LatentConsistencyModelImg2ImgPipeline) LCM/TCD pick
+        `num_inference_steps` from the strength-limited grid; otherwise (as
+        StableDiffusionImg2Img/InpaintPipeline) the last int(num_inference_steps x strength)."""
+        schedules.check_strength(strength)
         if timesteps is None:
             check_steps(sampler, num_inference_steps, self.components.scheduler_config,
                         original_inference_steps)
-        return schedules.sampler_timesteps(sampler, num_inference_steps,
-                                           self.components.scheduler_config,
-                                           self.components.schedule.num_train_timesteps,
-                                           original_inference_steps, timesteps)
+        ts = schedules.sampler_timesteps(sampler, num_inference_steps, self.components.scheduler_config,
+                                         self.components.schedule.num_train_timesteps,
+                                         original_inference_steps, timesteps,
+                                         strength if lcm_img2img else 1.0)
+        return ts if lcm_img2img else schedules.img2img_timesteps(ts, strength)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """NHWC shape of the starting noise for images of height x width."""
         f = self.vae_factor
-        return (batch, height // f, width // f, self.components.unet.config.in_channels)
+        return (batch, height // f, width // f, self.components.vae.latent_channels)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Scaled latents -> images in [0, 1] (the compiled VAE decode)."""
@@ -187,14 +209,20 @@ class LCMPipeline:
         return self.components.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond,
                                  added_cond_kwargs=added)
 
-    def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str):
+    def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str,
+                     num_inference_steps: Optional[int] = None, edit: Optional[tuple] = None):
         schedule = self.components.schedule
         w_dim = self.components.unet.config.time_cond_proj_dim
+        dpm = sampling.dpm_options(self.components.scheduler_config)
         ts = np.asarray(ts)
         if compile == "model":
             apply_unet, decode = self._jitted_parts
         else:
             apply_unet, decode = self.apply_unet, functools.partial(decode_latents, self.components.vae)
+
+        def noised(z0, noise):
+            return sampling.noised_latents(sampler, z0, noise, schedule, ts,
+                                           num_inference_steps=num_inference_steps, **dpm)
 
         def generate(unet_params, vae_params, lora, cond, latents, w, rng, noises):
             from lcm_jax.models import layers
@@ -202,18 +230,23 @@ class LCMPipeline:
 
             if lora is not None:
                 unet_params = lora_lib.merge(unet_params, lora[0], lora[1])
-            text, uncond, added, uncond_added = cond
+            text, uncond, added, uncond_added, edit_inputs = cond
+            blend = extra = None
+            if edit is not None:
+                latents, blend, extra = edits.start_latents(edit[0], self.components.vae, vae_params,
+                                                            edit_inputs, latents, noised, edit[1])
+            unet = edits.with_extra_channels(lambda x, *a: apply_unet(unet_params, x, *a), extra)
             if use_cfg:  # one batch of 2B: unconditional rows first, as diffusers
                 text2, added2 = jax.tree.map(lambda u, c: jnp.concatenate([u, c]),
                                              (uncond, uncond_added), (text, added))
-                model_fn = sampling.cfg_model_fn(
-                    lambda x, t: apply_unet(unet_params, x, t, text2, None, added2), w)
+                model_fn = sampling.cfg_model_fn(lambda x, t: unet(x, t, text2, None, added2), w)
             else:
                 t_cond = None if w_dim is None else layers.guidance_scale_embedding(
                     jnp.full((latents.shape[0],), w - 1.0), w_dim)
-                model_fn = lambda x, t: apply_unet(unet_params, x, t, text, t_cond, added)
-            z = sampling.sample(sampler, model_fn, latents, schedule, ts, rng, gamma=gamma,
-                                noises=noises, debug=compile != "whole")
+                model_fn = lambda x, t: unet(x, t, text, t_cond, added)
+            z = sampling.sample(sampler, model_fn, latents, schedule, ts, rng, gamma=gamma, noises=noises,
+                                debug=compile != "whole", num_inference_steps=num_inference_steps,
+                                dpm=dpm, blend=blend)
             return decode(vae_params, z)
 
         return jax.jit(generate) if compile == "whole" else generate
@@ -233,43 +266,132 @@ class LCMPipeline:
         step count: for sweeps), or 'none' (eager; also `debug=True`).
         """
         check_call(num_inference_steps, guidance_scale, height, width, sampler, self.vae_factor)
-        compile = "none" if debug else compile
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
+        run = _Run(sampler, ts, None, guidance_scale, negative_prompt, gamma, seed, noises, debug, compile)
+        return self._generate(prompt, height, width, latents, run)
+
+    def img2img(self, prompt: Union[str, Sequence[str]], image, strength: float = 0.8,
+                num_inference_steps: int = 4, guidance_scale: float = 8.5, seed: int = 0,
+                original_inference_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
+                negative_prompt: Optional[Union[str, Sequence[str]]] = None, sampler: str = "lcm",
+                gamma: float = 0.3, noise: Optional[np.ndarray] = None,
+                posterior_noise: Optional[np.ndarray] = None, noises: Optional[np.ndarray] = None,
+                debug: bool = False, compile: str = "whole") -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1] from `image` ((B,) H, W, 3 in [0, 1], uint8 or PIL; its
+        size is the output's) noised to `strength` and denoised towards `prompt`: a w-conditioned
+        LCM as LatentConsistencyModelImg2ImgPipeline, any other UNet (teacher, LCM-LoRA) as
+        StableDiffusionImg2ImgPipeline (`timesteps`). `noise` (added to the image's latents),
+        `posterior_noise` (the VAE encode's draw) and `noises` replace the seeded draws."""
+        images = edits.as_images(image, self.vae_factor)
+        check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
+        w_cond = self.components.unet.config.time_cond_proj_dim is not None
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength,
+                            lcm_img2img=w_cond)
+        run = _Run(sampler, ts, num_inference_steps, guidance_scale,
+                   negative_prompt, gamma, seed, noises, debug, compile, ("img2img", False))
+        return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
+                              {"image": images, "posterior_noise": posterior_noise})
+
+    def inpaint(self, prompt: Union[str, Sequence[str]], image, mask_image, strength: float = 1.0,
+                num_inference_steps: int = 4, guidance_scale: float = 8.5, seed: int = 0,
+                original_inference_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
+                negative_prompt: Optional[Union[str, Sequence[str]]] = None, sampler: str = "lcm",
+                gamma: float = 0.3, noise: Optional[np.ndarray] = None,
+                posterior_noise: Optional[np.ndarray] = None,
+                masked_posterior_noise: Optional[np.ndarray] = None, noises: Optional[np.ndarray] = None,
+                debug: bool = False, compile: str = "whole") -> np.ndarray:
+        """`image` with the region where `mask_image` >= 0.5 repainted towards `prompt`, as
+        StableDiffusionInpaintPipeline: a 9-channel (SD inpainting) UNet sees the mask and the
+        masked image's latents at every step; a 4-channel one (LCM, LCM-LoRA, a teacher) keeps
+        the unmasked region by blending in the image's latents noised to each next timestep.
+        strength 1 starts from pure noise. `noise`, `posterior_noise` (the image's encode),
+        `masked_posterior_noise` (the masked image's, 9 channels) and `noises` replace the
+        seeded draws."""
+        images = edits.as_images(image, self.vae_factor)
+        check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
+        mask = edits.as_mask(mask_image, images)
+        in_ch, latent_ch = self.components.unet.config.in_channels, self.components.vae.latent_channels
+        if in_ch not in (latent_ch, 2 * latent_ch + 1):
+            raise ValueError(f"inpainting needs a UNet of {latent_ch} or {2 * latent_ch + 1} input channels "
+                             f"(latents, or latents + mask + masked-image latents); this one has {in_ch}")
+        kind = "inpaint" if in_ch == latent_ch else "inpaint9"
+        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength)
+        run = _Run(sampler, ts, num_inference_steps, guidance_scale,
+                   negative_prompt, gamma, seed, noises, debug, compile, (kind, strength == 1.0))
+        return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
+                              {"image": images, "mask": mask, "posterior_noise": posterior_noise,
+                               "masked_posterior_noise": masked_posterior_noise})
+
+    def _check_negative_prompt(self, negative_prompt, guidance_scale: float) -> bool:
+        """Whether the run uses CFG; a negative prompt it would ignore is an error (diffusers
+        drops it silently)."""
+        w_dim = self.components.unet.config.time_cond_proj_dim
+        if negative_prompt is not None and w_dim is not None:
+            raise ValueError("negative_prompt has no effect with this w-conditioned LCM (its UNet has "
+                             "time_cond_proj_dim: guidance is an input, not CFG); drop negative_prompt, "
+                             "or sample a teacher / LCM-LoRA UNet with guidance_scale > 1")
+        if negative_prompt is not None and guidance_scale <= 1.0:
+            raise ValueError(f"negative_prompt has no effect at guidance_scale={guidance_scale} (no "
+                             f"classifier-free guidance at <= 1); raise guidance_scale or drop negative_prompt")
+        return w_dim is None and guidance_scale > 1.0
+
+    def _generate(self, prompt, height: int, width: int, latents: Optional[np.ndarray], run: "_Run",
+                  edit_inputs: Optional[dict] = None) -> np.ndarray:
+        """Encode the prompts, draw what is not given, compile (once per key) and run."""
+        compile = "none" if run.debug else run.compile
         if compile not in ("whole", "model", "none"):
             raise ValueError(f"compile must be 'whole', 'model' or 'none', got {compile!r}")
+        use_cfg = self._check_negative_prompt(run.negative_prompt, run.guidance_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is an empty list; give a string or a list of at least one")
         text, pooled = self.encode_prompt(prompts)
         b = len(prompts)
-        use_cfg = self.components.unet.config.time_cond_proj_dim is None and guidance_scale > 1.0
         uncond = uncond_pooled = added = uncond_added = None
         if use_cfg:
-            uncond, uncond_pooled = self.encode_negative_prompt(negative_prompt, text, pooled)
+            uncond, uncond_pooled = self.encode_negative_prompt(run.negative_prompt, text, pooled)
         if pooled is not None:
             time_ids = jnp.asarray(sdxl_time_ids(b, height, width))
             added = {"text_embeds": pooled, "time_ids": time_ids}
             if use_cfg:
                 uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids}
         shape = self.latent_shape(b, height, width)
-        rng = jax.random.PRNGKey(seed)
+        rng = jax.random.PRNGKey(run.seed)
         rng_lat, rng_steps = jax.random.split(rng)
-        if latents is None:
-            latents = jax.random.normal(rng_lat, shape, jnp.float32)
-        elif tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents have shape {tuple(np.shape(latents))}, expected {shape} "
-                             f"(NHWC, height/{self.vae_factor} x width/{self.vae_factor})")
-        ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
-        key = (sampler, tuple(int(t) for t in ts), use_cfg, gamma, compile, noises is None)
+        latents = self._given_or_drawn(latents, rng_lat, shape, "latents" if run.edit is None else "noise")
+        if edit_inputs is not None:
+            edit_inputs = self._edit_inputs(edit_inputs, b, shape, rng)
+        key = (run.sampler, tuple(int(t) for t in run.ts), use_cfg, run.gamma, compile, run.noises is None,
+               run.num_inference_steps, run.edit)
         if key not in self._compiled:
-            self._compiled[key] = self._generate_fn(sampler, key[1], use_cfg, gamma, compile)
+            self._compiled[key] = self._generate_fn(*key[:5], run.num_inference_steps, run.edit)
         params, lora_arg = self.unet_params, self._lora
         (params, vae_params, lora_arg), cond, latents = self._place(
-            (params, self.components.vae_params, lora_arg), (text, uncond, added, uncond_added),
-            jnp.asarray(latents, jnp.float32))
-        args = (params, vae_params, lora_arg, cond, latents, jnp.float32(guidance_scale), rng_steps,
-                None if noises is None else jnp.asarray(noises, jnp.float32))
+            (params, self.components.vae_params, lora_arg), (text, uncond, added, uncond_added, edit_inputs),
+            latents)
+        args = (params, vae_params, lora_arg, cond, latents, jnp.float32(run.guidance_scale), rng_steps,
+                None if run.noises is None else jnp.asarray(run.noises, jnp.float32))
         images = self._compiled[key](*args)
         return np.asarray(jax.device_get(images), np.float32)
+
+    def _given_or_drawn(self, given, rng, shape, what: str) -> jax.Array:
+        """`given` (checked to be NHWC `shape`) or standard normal draws from `rng`."""
+        if given is None:
+            return jax.random.normal(rng, shape, jnp.float32)
+        if tuple(np.shape(given)) != shape:
+            raise ValueError(f"{what} have shape {tuple(np.shape(given))}, expected {shape} "
+                             f"(NHWC, height/{self.vae_factor} x width/{self.vae_factor})")
+        return jnp.asarray(given, jnp.float32)
+
+    def _edit_inputs(self, inputs: dict, batch: int, shape, rng) -> dict:
+        """Image and mask repeated to the batch; the VAE encodes' draws given or seeded."""
+        out = {}
+        for i, (name, value) in enumerate(sorted(inputs.items())):
+            if name.endswith("posterior_noise"):
+                out[name] = self._given_or_drawn(value, jax.random.fold_in(rng, i + 1), shape, name)
+            else:
+                out[name] = jnp.asarray(edits.batched(value, batch, name))
+        return out
 
     def _place(self, weights, cond, latents):
         """Splits the batch (latents and the conditioning pytree) over every local device ('data'

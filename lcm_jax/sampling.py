@@ -11,7 +11,7 @@ concrete (numpy or a list): close over them, do not pass them as traced argument
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,44 @@ def _maybe_clip(x0: jax.Array, schedule: NoiseSchedule) -> jax.Array:
     return x0
 
 
+class MaskBlend(NamedTuple):
+    """Inpainting with a plain (4-channel) UNet, as StableDiffusionInpaintPipeline: after every
+    step the kept region (mask 0) is replaced by the image's latents noised to the next timestep
+    with `noise` (after the last step: the latents themselves). `mask` (B, h, w, 1): 1 = repaint."""
+    image_latents: jax.Array
+    mask: jax.Array
+    noise: jax.Array
+
+
+def _ddpm_levels(schedule: NoiseSchedule, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sqrt(abar), sqrt(1 - abar)) at `ts`, float32, as the DDPM-style add_noise computes them."""
+    abar = schedule.alpha_bar(ts).astype(np.float32)
+    return np.sqrt(abar), np.sqrt(np.float32(1) - abar)
+
+
+def _blended(step_fn: StepFn, xs: dict, blend: Optional[MaskBlend], a_next: np.ndarray,
+             s_next: np.ndarray) -> tuple[StepFn, dict]:
+    """`step_fn` followed by the mask blend at levels (a_next, s_next) per step; unchanged if None."""
+    if blend is None:
+        return step_fn, xs
+    xs = {**xs, "blend_a": _f32(a_next), "blend_s": _f32(s_next)}
+
+    def step(carry, s):
+        carry, out = step_fn(carry, s)
+        x = carry[0] if isinstance(carry, tuple) else carry
+        kept = s["blend_a"] * blend.image_latents + s["blend_s"] * blend.noise
+        x = ((1 - blend.mask) * kept + blend.mask * x).astype(x.dtype)
+        return ((x, *carry[1:]) if isinstance(carry, tuple) else x), out
+
+    return step, xs
+
+
+def _ddpm_blend_levels(schedule: NoiseSchedule, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blend's levels after each step: the next timestep's, then clean (1, 0)."""
+    a, s = _ddpm_levels(schedule, ts[1:])
+    return np.append(a, np.float32(1)), np.append(s, np.float32(0))
+
+
 # ---------------------------------------------------------------------------------------------
 # LCM and TCD
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +148,7 @@ def _maybe_clip(x0: jax.Array, schedule: NoiseSchedule) -> jax.Array:
 def lcm_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps,
                rng: Optional[jax.Array] = None, *, sigma_data: float = 0.5,
                timestep_scaling: float = 10.0, noises: Optional[jax.Array] = None,
-               debug: bool = False, return_trajectory: bool = False):
+               blend: Optional[MaskBlend] = None, debug: bool = False, return_trajectory: bool = False):
     """Multistep consistency sampling (LCM paper, Alg. 3), equal to diffusers' LCMScheduler.
 
     Each step maps x_t to the consistency estimate f(x_t, t) = c_skip x_t + c_out x0 and, except
@@ -138,6 +176,7 @@ def lcm_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, t
         x_prev = s["sqrt_alpha_prev"] * denoised + s["sqrt_beta_prev"] * _draw(s, x)
         return x_prev.astype(x.dtype), {"prev_sample": x_prev, "denoised": denoised}
 
+    step, xs = _blended(step, xs, blend, *_ddpm_blend_levels(schedule, ts))
     x, trajectory = _run(step, latents, xs, debug, return_trajectory)
     return _finish(x, trajectory, return_trajectory)
 
@@ -150,7 +189,7 @@ def tcd_s_timesteps(timesteps: np.ndarray, gamma: float) -> np.ndarray:
 
 def tcd_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps,
                rng: Optional[jax.Array] = None, *, gamma: float = 0.3, noises: Optional[jax.Array] = None,
-               debug: bool = False, return_trajectory: bool = False):
+               blend: Optional[MaskBlend] = None, debug: bool = False, return_trajectory: bool = False):
     """Strategic stochastic sampling (TCD paper, Alg. 4), equal to diffusers' TCDScheduler (eta=gamma).
 
     Each step jumps to the predicted x_s at s = floor((1 - gamma) t_prev), then (gamma > 0, not at
@@ -180,6 +219,7 @@ def tcd_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, t
         x_prev = s["c_keep"] * x_s + s["c_noise"] * _draw(s, x) if gamma > 0 else x_s
         return x_prev.astype(x.dtype), {"prev_sample": x_prev, "pred_noised_sample": x_s}
 
+    step, xs = _blended(step, xs, blend, *_ddpm_blend_levels(schedule, ts))
     x, trajectory = _run(step, latents, xs, debug, return_trajectory)
     return _finish(x, trajectory, return_trajectory)
 
@@ -190,15 +230,18 @@ def tcd_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, t
 
 
 def ddim_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps, *,
+                num_inference_steps: Optional[int] = None, blend: Optional[MaskBlend] = None,
                 debug: bool = False, return_trajectory: bool = False):
     """Deterministic DDIM (eta = 0), equal to diffusers' DDIMScheduler.
 
-    As in diffusers, the previous timestep is t - T // num_steps (whatever the spacing) and a
-    negative one means abar = `final_alpha_cumprod`. Trajectory keys: `prev_sample`,
+    As in diffusers, the previous timestep is t - T // num_inference_steps (whatever the spacing)
+    and a negative one means abar = `final_alpha_cumprod`. `timesteps` may be the tail of a
+    `num_inference_steps` schedule (img2img, SDEdit; default: the whole, len(timesteps)): the
+    step size stays that of the whole schedule. Trajectory keys: `prev_sample`,
     `pred_original_sample`.
     """
     ts = _concrete_timesteps(timesteps)
-    prev = ts - schedule.num_train_timesteps // len(ts)
+    prev = ts - schedule.num_train_timesteps // _schedule_length(num_inference_steps, ts)
     xs = {"t": jnp.asarray(ts, jnp.int32), "alpha_bar": _f32(schedule.alpha_bar(ts)),
           "alpha_bar_prev": _f32(schedule.alpha_bar(prev))}
 
@@ -209,16 +252,39 @@ def ddim_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, 
         x_prev = ddim_step(x, eps, x0, s["alpha_bar"], s["alpha_bar_prev"])
         return x_prev.astype(x.dtype), {"prev_sample": x_prev, "pred_original_sample": x0}
 
+    step, xs = _blended(step, xs, blend, *_ddpm_blend_levels(schedule, ts))
     x, trajectory = _run(step, latents, xs, debug, return_trajectory)
     return _finish(x, trajectory, return_trajectory)
 
 
-def _dpm_coefficients(sigmas: np.ndarray, solver_order: int) -> dict[str, np.ndarray]:
-    """Per-step DPM-Solver++ coefficients (Lu et al. 2022b, eqs. 9 and 14, midpoint), float32.
+DPM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+# DPMSolverMultistepScheduler config keys that are arguments of `dpm_solver_pp_sample`.
+DPM_OPTIONS = ("solver_order", "use_karras_sigmas", "final_sigmas_type", "lower_order_final",
+               "algorithm_type")
 
-    Step i goes from sigma_i to sigma_{i+1} with x_next = c_x x - c_0 D0 - c_half D1,
-    D0 = x0_i, D1 = inv_r0 (x0_i - x0_{i-1}). First-order steps (the first one and, as with
-    diffusers' `final_sigmas_type='zero'`, the last one) have c_half = inv_r0 = 0.
+
+def dpm_options(scheduler_config: dict) -> dict:
+    """The `dpm_solver_pp_sample` options a diffusers scheduler config sets (absent keys: defaults)."""
+    return {k: scheduler_config[k] for k in DPM_OPTIONS if scheduler_config.get(k) is not None}
+
+
+def _schedule_length(num_inference_steps: Optional[int], ts: np.ndarray) -> int:
+    """The length of the schedule whose tail `ts` is (img2img); `ts` itself by default."""
+    n = len(ts) if num_inference_steps is None else int(num_inference_steps)
+    if n < len(ts):
+        raise ValueError(f"num_inference_steps={n} is shorter than the {len(ts)} timesteps given; "
+                         f"it is the length of the schedule they are the tail of")
+    return n
+
+
+def _dpm_coefficients(sigmas: np.ndarray, solver_order: int, last_first_order: bool,
+                      sde: bool) -> dict[str, np.ndarray]:
+    """Per-step DPM-Solver++ coefficients (Lu et al. 2022b, eqs. 9 and 14, midpoint; the SDE
+    variant's eq. 18), float32 in diffusers' order of operations.
+
+    Step i goes from sigma_i to sigma_{i+1} with x_next = c_x x - c_0 D0 - c_half D1 + c_noise z,
+    D0 = x0_i, D1 = inv_r0 (x0_i - x0_{i-1}). First-order steps (the first one and, with
+    `last_first_order`, the last one) have c_half = inv_r0 = 0.
     """
     with np.errstate(divide="ignore"):
         alpha = np.float32(1) / np.sqrt(sigmas**2 + np.float32(1))
@@ -227,29 +293,55 @@ def _dpm_coefficients(sigmas: np.ndarray, solver_order: int) -> dict[str, np.nda
     n = len(sigmas) - 1
     h = lam[1:] - lam[:-1]
     h_prev = np.concatenate([[np.float32(1)], lam[1:n] - lam[:n - 1]]).astype(np.float32)
-    c_0 = alpha[1:] * (np.exp(-h) - np.float32(1))
-    second = (np.arange(n) > 0) & (np.arange(n) < n - 1) & (solver_order == 2)
+    if sde:
+        c_x = sigma[1:] / sigma[:-1] * np.exp(-h)
+        c_0 = -(alpha[1:] * (np.float32(1) - np.exp(np.float32(-2.0) * h)))
+        c_noise = sigma[1:] * np.sqrt(np.float32(1) - np.exp(np.float32(-2) * h))
+    else:
+        c_x, c_0, c_noise = sigma[1:] / sigma[:-1], alpha[1:] * (np.exp(-h) - np.float32(1)), np.zeros_like(h)
+    steps = np.arange(n)
+    second = (steps > 0) & ~((steps == n - 1) & last_first_order) & (solver_order == 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_r0 = np.float32(1) / (h_prev / h)
     return {
-        "alpha": alpha[:-1], "sigma": sigma[:-1],
-        "c_x": sigma[1:] / sigma[:-1], "c_0": c_0,
+        "alpha": alpha[:-1], "sigma": sigma[:-1], "c_x": c_x, "c_0": c_0, "c_noise": c_noise,
         "c_half": np.where(second, np.float32(0.5) * c_0, 0).astype(np.float32),
         "inv_r0": np.where(second, inv_r0, 0).astype(np.float32),
     }
 
 
-def dpm_solver_pp_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps, *,
-                         solver_order: int = 2, debug: bool = False, return_trajectory: bool = False):
-    """Multistep DPM-Solver++ (data prediction, midpoint), equal to diffusers'
-    DPMSolverMultistepScheduler(algorithm_type='dpmsolver++') with its defaults (lower-order final
-    step, final sigma 0). Trajectory keys: `prev_sample`, `x0_pred`.
-    """
+def _check_dpm(solver_order: int, algorithm_type: str) -> None:
     if solver_order not in (1, 2):
         raise ValueError(f"solver_order must be 1 or 2, got {solver_order}")
+    if algorithm_type not in DPM_ALGORITHMS:
+        raise ValueError(f"algorithm_type {algorithm_type!r} is not supported; choose one of {DPM_ALGORITHMS}")
+
+
+def dpm_solver_pp_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps,
+                         rng: Optional[jax.Array] = None, *, solver_order: int = 2,
+                         use_karras_sigmas: bool = False, final_sigmas_type: str = "zero",
+                         lower_order_final: bool = True, algorithm_type: str = "dpmsolver++",
+                         num_inference_steps: Optional[int] = None, noises: Optional[jax.Array] = None,
+                         blend: Optional[MaskBlend] = None, debug: bool = False,
+                         return_trajectory: bool = False):
+    """Multistep DPM-Solver++ (data prediction, midpoint), equal to diffusers'
+    DPMSolverMultistepScheduler with the same options: Karras sigmas (`timesteps` then from
+    `schedules.karras_timesteps`), final sigma 0 or sigma_min, a first-order last step (always
+    with final sigma 0; with `lower_order_final` below 15 steps), and 'sde-dpmsolver++' (fresh
+    noise every step from `rng`, or `noises` (num_steps, *latents.shape)). `timesteps` may be the
+    tail of a `num_inference_steps` schedule (img2img). Trajectory keys: `prev_sample`, `x0_pred`.
+    """
+    _check_dpm(solver_order, algorithm_type)
     ts = _concrete_timesteps(timesteps)
-    coef = _dpm_coefficients(dpm_sigmas(schedule, ts), solver_order)
-    xs = {"t": jnp.asarray(ts, jnp.int32), **{k: _f32(v) for k, v in coef.items()}}
+    total = _schedule_length(num_inference_steps, ts)
+    sigmas = dpm_sigmas(schedule, ts, final_sigmas_type, use_karras_sigmas, total)
+    last_first_order = final_sigmas_type == "zero" or (lower_order_final and total < 15)
+    sde = algorithm_type == "sde-dpmsolver++"
+    coef = _dpm_coefficients(sigmas, solver_order, last_first_order, sde)
+    if sde and rng is None and noises is None:
+        raise ValueError("pass rng (a jax.random key) or explicit noises for algorithm_type='sde-dpmsolver++'")
+    xs = {"t": jnp.asarray(ts, jnp.int32), **{k: _f32(v) for k, v in coef.items()},
+          **(_noise_inputs(latents, len(ts), rng, noises) if sde else {})}
 
     def step(carry, s):
         x, x0_before = carry
@@ -257,11 +349,38 @@ def dpm_solver_pp_sample(model_fn: ModelFn, latents: jax.Array, schedule: NoiseS
                                         schedule.prediction_type)
         d1 = s["inv_r0"] * (x0 - x0_before)
         x_next = s["c_x"] * x - s["c_0"] * x0 - s["c_half"] * d1
+        if sde:
+            x_next = x_next + s["c_noise"] * _draw(s, x)
         return (x_next.astype(x.dtype), x0.astype(x0_before.dtype)), {"prev_sample": x_next, "x0_pred": x0}
 
+    alpha_next = np.append(coef["alpha"][1:], np.float32(1))  # DPM's add_noise at the next sigma
+    step, xs = _blended(step, xs, blend, alpha_next, np.append(coef["sigma"][1:], np.float32(0)))
     init = (latents, jnp.zeros(latents.shape, jnp.promote_types(latents.dtype, jnp.float32)))
     (x, _), trajectory = _run(step, init, xs, debug, return_trajectory)
     return _finish(x, trajectory, return_trajectory)
+
+
+# ---------------------------------------------------------------------------------------------
+# img2img: the starting point from an image's latents
+# ---------------------------------------------------------------------------------------------
+
+
+def noised_latents(sampler: str, x0: jax.Array, noise: jax.Array, schedule: NoiseSchedule,
+                   timesteps, *, num_inference_steps: Optional[int] = None, **dpm) -> jax.Array:
+    """x0 noised to the first of `timesteps`, as the sampler's diffusers scheduler's add_noise:
+    sqrt(abar) x0 + sqrt(1 - abar) noise (LCM, TCD, DDIM); alpha x0 + sigma noise at DPM-Solver's
+    first sigma (the Karras one with use_karras_sigmas). `dpm` takes `dpm_solver_pp_sample`'s
+    use_karras_sigmas (other options are accepted and ignored)."""
+    ts = _concrete_timesteps(timesteps)
+    if sampler == "dpm":
+        total = _schedule_length(num_inference_steps, ts)
+        sigma = dpm_sigmas(schedule, ts, use_karras_sigmas=dpm.get("use_karras_sigmas", False),
+                           num_inference_steps=total)[0]
+        alpha = np.float32(1) / np.sqrt(sigma**2 + np.float32(1))
+        a, s = alpha, sigma * alpha
+    else:
+        (a,), (s,) = _ddpm_levels(schedule, ts[:1])
+    return _f32(a) * x0 + _f32(s) * noise.astype(x0.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,22 +406,27 @@ def cfg_model_fn(model_fn_uncond_cond: ModelFn, guidance_scale) -> ModelFn:
 # By name
 # ---------------------------------------------------------------------------------------------
 
-_BY_NAME = {
-    "lcm": lambda f, x, s, ts, rng, gamma, noises, debug: lcm_sample(f, x, s, ts, rng, noises=noises,
-                                                                     debug=debug),
-    "tcd": lambda f, x, s, ts, rng, gamma, noises, debug: tcd_sample(f, x, s, ts, rng, gamma=gamma,
-                                                                     noises=noises, debug=debug),
-    "ddim": lambda f, x, s, ts, rng, gamma, noises, debug: ddim_sample(f, x, s, ts, debug=debug),
-    "dpm": lambda f, x, s, ts, rng, gamma, noises, debug: dpm_solver_pp_sample(f, x, s, ts, debug=debug),
-}
-SAMPLERS = tuple(_BY_NAME)
+SAMPLERS = ("lcm", "tcd", "ddim", "dpm")
 
 
 def sample(sampler: str, model_fn: ModelFn, latents: jax.Array, schedule: NoiseSchedule, timesteps,
            rng: Optional[jax.Array] = None, *, gamma: float = 0.3,
-           noises: Optional[jax.Array] = None, debug: bool = False) -> jax.Array:
+           noises: Optional[jax.Array] = None, debug: bool = False,
+           num_inference_steps: Optional[int] = None, dpm: Optional[dict] = None,
+           blend: Optional["MaskBlend"] = None) -> jax.Array:
     """The final latents of sampler `sampler` ('lcm', 'tcd', 'ddim' or 'dpm'); `rng`, `noises`
-    (LCM, TCD) and `gamma` (TCD) go to the samplers that use them."""
-    if sampler not in _BY_NAME:
-        raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
-    return _BY_NAME[sampler](model_fn, latents, schedule, timesteps, rng, gamma, noises, debug)
+    (LCM, TCD, SDE DPM-Solver++), `gamma` (TCD), `num_inference_steps` (DDIM, DPM: the length of
+    the schedule `timesteps` is the tail of) and `dpm` (`dpm_solver_pp_sample`'s options) go to
+    the samplers that use them; `blend` (inpainting) to all."""
+    common = dict(debug=debug, blend=blend)
+    if sampler == "lcm":
+        return lcm_sample(model_fn, latents, schedule, timesteps, rng, noises=noises, **common)
+    if sampler == "tcd":
+        return tcd_sample(model_fn, latents, schedule, timesteps, rng, gamma=gamma, noises=noises, **common)
+    if sampler == "ddim":
+        return ddim_sample(model_fn, latents, schedule, timesteps, num_inference_steps=num_inference_steps,
+                           **common)
+    if sampler == "dpm":
+        return dpm_solver_pp_sample(model_fn, latents, schedule, timesteps, rng, noises=noises,
+                                    num_inference_steps=num_inference_steps, **(dpm or {}), **common)
+    raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")

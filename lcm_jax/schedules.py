@@ -341,31 +341,95 @@ def dpm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
     return np.arange(t, 0, -t / n).round().astype(np.int64) - 1
 
 
-def dpm_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
-    """DPM-Solver's sigma = sqrt((1 - abar) / abar) at `timesteps`, then a final 0 (float32)."""
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """sigma = sqrt((1 - abar) / abar) at every train timestep, float32 as diffusers."""
     ac = schedule.alphas_cumprod
-    sigmas = np.sqrt((np.float32(1) - ac) / ac)
-    return np.concatenate([sigmas[np.asarray(timesteps)], [0.0]]).astype(np.float32)
+    return np.sqrt((np.float32(1) - ac) / ac)
+
+
+def karras_sigmas(schedule: NoiseSchedule, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022, eq. 5) sigmas between the schedule's extremes, descending (float64)."""
+    train = _train_sigmas(schedule)
+    lo, hi = float(train[0]) ** (1 / rho), float(train[-1]) ** (1 / rho)
+    return (hi + np.linspace(0, 1, num_inference_steps) * (lo - hi)) ** rho
+
+
+def karras_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np.ndarray:
+    """The timesteps of the Karras sigmas: log-sigma interpolated on the train grid, rounded
+    (except for squaredcos_cap_v2), as DPMSolverMultistepScheduler with use_karras_sigmas."""
+    log_train = np.log(_train_sigmas(schedule))
+    log_sigma = np.log(np.maximum(karras_sigmas(schedule, num_inference_steps), 1e-10))
+    dists = log_sigma[None, :] - log_train[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_train) - 2)
+    w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+    t = (1 - w) * low + w * (low + 1)
+    return (t if schedule.beta_schedule == "squaredcos_cap_v2" else t.round()).astype(np.int64)
+
+
+def dpm_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray, final_sigmas_type: str = "zero",
+               use_karras_sigmas: bool = False, num_inference_steps: Optional[int] = None) -> np.ndarray:
+    """DPM-Solver's sigmas for `timesteps`, then the final sigma (0, or the smallest train sigma
+    with 'sigma_min'), float32. Karras sigmas are those of the whole `num_inference_steps`
+    schedule (default len(timesteps)), of which `timesteps` may be the tail (img2img)."""
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type {final_sigmas_type!r} is not supported; choose one of "
+                         f"{FINAL_SIGMAS_TYPES}")
+    timesteps = np.asarray(timesteps)
+    train = _train_sigmas(schedule)
+    if use_karras_sigmas:
+        sigmas = karras_sigmas(schedule, num_inference_steps or len(timesteps))[-len(timesteps):]
+    else:
+        sigmas = train[timesteps]
+    last = train[0] if final_sigmas_type == "sigma_min" else 0.0
+    return np.concatenate([sigmas, [last]]).astype(np.float32)
+
+
+def check_strength(strength: float) -> None:
+    """img2img/inpainting strength: the fraction of the noise schedule run, in (0, 1]."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+
+def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
+    """The tail of a teacher sampler's schedule that img2img runs from a noised image: the last
+    int(len * strength) timesteps (diffusers' get_timesteps, first-order schedulers)."""
+    check_strength(strength)
+    n = len(timesteps)
+    keep = min(int(n * strength), n)
+    if keep == 0:
+        raise ValueError(f"strength={strength} x num_inference_steps={n} leaves no step to run; "
+                         f"raise strength or num_inference_steps")
+    return np.asarray(timesteps)[n - keep:]
 
 
 def sampler_timesteps(sampler: str, num_inference_steps: int, scheduler_config: dict,
                       num_train_timesteps: int, original_inference_steps: Optional[int] = None,
-                      timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+                      timesteps: Optional[Sequence[int]] = None, strength: float = 1.0) -> np.ndarray:
     """The timesteps a pipeline's sampler runs, as diffusers' schedulers pick them from the
     pipeline's scheduler config. LCM picks from the skipping-step grid of
-    `original_inference_steps` (None: the config's, else 50, as diffusers)."""
+    `original_inference_steps` (None: the config's, else 50, as diffusers). strength < 1
+    (img2img) limits LCM/TCD to that part of the grid (their set_timesteps(strength=...)) and
+    keeps the tail of the DDIM/DPM schedule (`img2img_timesteps`)."""
     T, sc = num_train_timesteps, scheduler_config
     if original_inference_steps is None:
         original_inference_steps = int(sc.get("original_inference_steps", 50))
     if sampler == "lcm":
         return lcm_timesteps(None if timesteps else num_inference_steps, original_inference_steps, T,
-                             timesteps=timesteps)
+                             strength=strength, timesteps=timesteps)
     if sampler == "tcd":
         # TCDPipeline's default: pick from the model's 50-step grid (an explicit
         # original_inference_steps would switch TCD to all T training steps).
-        return tcd_timesteps(None if timesteps else num_inference_steps, None, T, timesteps=timesteps)
+        return tcd_timesteps(None if timesteps else num_inference_steps, None, T, strength=strength,
+                             timesteps=timesteps)
     if sampler == "ddim":
-        return ddim_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "leading"),
-                              steps_offset=sc.get("steps_offset", 0))
-    return dpm_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "linspace"),
-                         steps_offset=sc.get("steps_offset", 0))
+        ts = ddim_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "leading"),
+                            steps_offset=sc.get("steps_offset", 0))
+    elif sc.get("use_karras_sigmas"):
+        ts = karras_timesteps(NoiseSchedule.from_scheduler_config(sc), num_inference_steps)
+    else:
+        ts = dpm_timesteps(num_inference_steps, T, timestep_spacing=sc.get("timestep_spacing", "linspace"),
+                           steps_offset=sc.get("steps_offset", 0))
+    return ts if strength == 1.0 else img2img_timesteps(ts, strength)

@@ -243,3 +243,113 @@ def test_samplers_run_sharded_over_data_axis():
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial schedules (img2img, SDEdit) and the DPM-Solver++ options
+# ---------------------------------------------------------------------------------------------
+
+
+def _deterministic(flip: bool) -> torch.Tensor:
+    """diffusers' scheduler-test tensors (dummy_sample_deter / dummy_noise_deter), (4, 3, 8, 8)."""
+    n = 4 * 3 * 8 * 8
+    values = torch.arange(n).flip(-1) if flip else torch.arange(n)
+    return (values.reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+
+
+def test_ddim_partial_schedule_steps_like_diffusers():
+    """diffusers' DDIM test_full_loop_with_noise: the last 2 of 10 steps from a noised sample; the
+    step size stays T // 10 (not T // 2)."""
+    config = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                  clip_sample=True)
+    scheduler = DDIMScheduler(**config)
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps[8:]
+    sample = scheduler.add_noise(_deterministic(False), _deterministic(True), timesteps[:1])
+    x0, noise = nhwc(_deterministic(False)), nhwc(_deterministic(True))
+    for t in timesteps:
+        sample = scheduler.step(sample * t / (t + 1), t, sample, 0.0).prev_sample
+
+    schedule = NoiseSchedule.from_scheduler_config(config)
+    ts = schedules.img2img_timesteps(schedules.ddim_timesteps(10), 0.2)
+    np.testing.assert_array_equal(ts, timesteps.numpy())
+    start = sampling.noised_latents("ddim", jnp.asarray(x0), jnp.asarray(noise), schedule, ts)
+    def dummy_model(x, t):  # diffusers' scheduler-test model: sample * t / (t + 1)
+        t = t[:, None, None, None]
+        return x * t / (t + 1)
+
+    ours = sampling.ddim_sample(dummy_model, start, schedule, ts, num_inference_steps=10)
+    np.testing.assert_allclose(np.abs(np.asarray(ours)).sum(), sample.abs().sum().item(), rtol=1e-6)
+    assert_close(ours, nhwc(sample))
+    whole = sampling.ddim_sample(dummy_model, start, schedule, ts)  # as if the 2 steps were all
+    assert abs(np.abs(np.asarray(whole)).sum() - sample.abs().sum().item()) > 1.0
+
+
+def _run_dpm_diffusers(scheduler, latents, noises, start=0):
+    """diffusers' loop over the schedule from index `start` (set_begin_index, as img2img)."""
+    scheduler.set_begin_index(start)
+    x, prev = latents, []
+    for i, t in enumerate(scheduler.timesteps[start:]):
+        kwargs = {} if noises is None else {"variance_noise": nchw(noises[i])}
+        x = scheduler.step(toy_model_torch(x, t.expand(x.shape[0])), t, x, **kwargs).prev_sample
+        prev.append(nhwc(x))
+    return np.stack(prev)
+
+
+@pytest.mark.parametrize("options, num_steps, start", [
+    (dict(final_sigmas_type="sigma_min"), 6, 0),
+    (dict(final_sigmas_type="sigma_min", lower_order_final=False), 6, 0),
+    (dict(final_sigmas_type="sigma_min"), 16, 0),
+    (dict(use_karras_sigmas=True), 7, 0),
+    (dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", prediction_type="v_prediction"), 5, 0),
+    (dict(algorithm_type="sde-dpmsolver++"), 6, 0),
+    (dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, final_sigmas_type="sigma_min"), 5, 0),
+    (dict(), 10, 4),
+    (dict(use_karras_sigmas=True), 8, 3),
+])
+def test_dpm_options_match_diffusers(options, num_steps, start):
+    options = dict(options)
+    prediction_type = options.pop("prediction_type", "epsilon")
+    scheduler = DPMSolverMultistepScheduler(**SD, prediction_type=prediction_type, **options)
+    scheduler.set_timesteps(num_steps)
+    n_run = num_steps - start
+    noises = (np.random.default_rng(5).standard_normal((n_run, B, H, W, C)).astype(np.float32)
+              if options.get("algorithm_type") else None)
+    latents = initial_latents(4)
+    reference = _run_dpm_diffusers(scheduler, latents, noises, start)
+    schedule = NoiseSchedule.from_scheduler_config(dict(scheduler.config))
+    ts = schedules.sampler_timesteps("dpm", num_steps, dict(scheduler.config), 1000)[start:]
+    np.testing.assert_array_equal(ts, scheduler.timesteps.numpy()[start:])
+    x, traj = sampling.dpm_solver_pp_sample(
+        toy_model_jax, jnp.asarray(nhwc(latents)), schedule, ts, num_inference_steps=num_steps,
+        noises=None if noises is None else jnp.asarray(noises), return_trajectory=True, **options)
+    assert_close(traj["prev_sample"], reference, tol=2e-6)
+
+
+@pytest.mark.parametrize("sampler, options", [("ddim", {}), ("dpm", {}), ("dpm", {"use_karras_sigmas": True}),
+                                              ("lcm", {})])
+def test_noised_latents_equal_add_noise(sampler, options):
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "lcm": LCMScheduler}[sampler]
+    scheduler = cls(**SD, **options)
+    scheduler.set_timesteps(10)
+    start = 6
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    x0, noise = initial_latents(5), initial_latents(6)
+    ref = scheduler.add_noise(x0, noise, scheduler.timesteps[start:start + 1])
+    ts = scheduler.timesteps.numpy()[start:]
+    ours = sampling.noised_latents(sampler, jnp.asarray(nhwc(x0)), jnp.asarray(nhwc(noise)),
+                                   NoiseSchedule(**SD), ts, num_inference_steps=10, **options)
+    assert_close(ours, nhwc(ref))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(algorithm_type="dpmsolver"), "algorithm_type 'dpmsolver' is not supported"),
+    (dict(algorithm_type="sde-dpmsolver++"), "pass rng"),
+    (dict(final_sigmas_type="last"), "final_sigmas_type 'last' is not supported"),
+    (dict(num_inference_steps=2), "num_inference_steps=2 is shorter than the 4 timesteps"),
+])
+def test_dpm_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampling.dpm_solver_pp_sample(toy_model_jax, jnp.zeros((B, H, W, C)), NoiseSchedule(),
+                                      schedules.dpm_timesteps(4), **kwargs)

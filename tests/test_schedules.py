@@ -180,3 +180,35 @@ def test_output_for_x0_inverts_predict_x0_eps(prediction_type):
     np.testing.assert_allclose(back, x0, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not supported"):
         schedules.output_for_x0(x0, x_t, a, "flow")
+
+
+@pytest.mark.parametrize("kwargs", SCHEDULES[:3])
+@pytest.mark.parametrize("n, final", [(4, "zero"), (9, "sigma_min"), (25, "sigma_min")])
+def test_karras_and_final_sigmas_equal_diffusers(kwargs, n, final):
+    sched = DPMSolverMultistepScheduler(**kwargs, use_karras_sigmas=True, final_sigmas_type=final)
+    sched.set_timesteps(n)
+    schedule = NoiseSchedule(**kwargs)
+    ts = schedules.karras_timesteps(schedule, n)
+    np.testing.assert_array_equal(ts, sched.timesteps.numpy())
+    np.testing.assert_allclose(schedules.dpm_sigmas(schedule, ts, final, use_karras_sigmas=True),
+                               sched.sigmas.numpy(), rtol=3e-7, atol=0)
+    plain = DPMSolverMultistepScheduler(**kwargs, final_sigmas_type=final)
+    plain.set_timesteps(n)
+    np.testing.assert_allclose(schedules.dpm_sigmas(schedule, plain.timesteps.numpy(), final),
+                               plain.sigmas.numpy(), rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("n, strength", [(10, 0.2), (4, 0.5), (7, 0.8), (5, 1.0), (3, 0.34)])
+def test_img2img_timesteps_equal_diffusers_get_timesteps(n, strength):
+    sched = DDIMScheduler()
+    sched.set_timesteps(n)
+    init = min(int(n * strength), n)  # StableDiffusionImg2ImgPipeline.get_timesteps
+    expected = sched.timesteps.numpy()[max(n - init, 0):]
+    np.testing.assert_array_equal(schedules.img2img_timesteps(sched.timesteps.numpy(), strength), expected)
+
+
+@pytest.mark.parametrize("strength, match", [(0.0, "strength must be in"), (1.5, "strength must be in"),
+                                             (0.1, "leaves no step to run")])
+def test_img2img_timesteps_errors(strength, match):
+    with pytest.raises(ValueError, match=match):
+        schedules.img2img_timesteps(schedules.ddim_timesteps(4), strength)
