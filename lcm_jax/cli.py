@@ -63,11 +63,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from lcm_jax.evaluation.grids import save_grid
     from lcm_jax.pipeline import LCMPipeline, check_call, check_steps
 
-    _need_folder(args.model, "--model")
+    from lcm_jax.hub import is_hub_id, local_folder
+
+    if not is_hub_id(args.model):
+        _need_folder(args.model, "--model")
     _writable_folder(args.out, "--out")
     _at_least(args.num_images, 1, "--num-images")
     if args.lora and not os.path.isfile(args.lora):
         raise CliError(f"--lora {args.lora}: no such file")
+    edit = _edit_inputs(args)
+    args.model = local_folder(args.model)  # a Hub id: its snapshot, downloaded unless cached
     used = resolve_sampling(args)
     check_call(args.steps, args.guidance, args.height, args.width, args.sampler)  # before loading
     if os.path.exists(os.path.join(args.model, "model_index.json")):  # else loading names it
@@ -86,8 +91,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     t0 = stage(total - 1, total, f"compiling and sampling {len(prompts)} image(s): {args.steps} "
                f"{args.sampler} steps, guidance {args.guidance}, {args.height}x{args.width} ({used})")
     meter = CompileMeter()
-    images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  height=args.height, width=args.width, seed=args.seed, sampler=args.sampler)
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  sampler=args.sampler)
+    if edit is None:
+        images = pipe(prompts, height=args.height, width=args.width, **common)
+    elif "mask_image" in edit:
+        images = pipe.inpaint(prompts, edit["image"], edit["mask_image"], args.strength, **common)
+    else:
+        images = pipe.img2img(prompts, edit["image"], args.strength, **common)
     done(t0, f" (XLA compile {meter.seconds:.1f}s, {meter.cache_hits} program(s) "
          f"from the persistent cache {cache_dir})")
     t0 = stage(total, total, f"writing {args.out}")
@@ -97,6 +108,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
     save_grid(images, grid, nrow=args.num_images)
     done(t0)
     print(f"wrote {len(paths)} image(s) ({os.path.basename(paths[0])} ...) and {grid}")
+
+
+def _edit_inputs(args: argparse.Namespace) -> Optional[dict]:
+    """--init-image (img2img; with --mask, inpainting) as arrays, one per prompt image; None for
+    text-to-image. Read before the model loads, so a bad file costs nothing."""
+    import numpy as np
+    from PIL import Image
+
+    if args.mask and not args.init_image:
+        raise CliError("--mask needs --init-image (the image to inpaint)")
+    if not args.init_image:
+        if args.strength is not None:
+            raise CliError("--strength needs --init-image (it says how far to move from that image)")
+        return None
+    if args.strength is None:
+        args.strength = 1.0 if args.mask else 0.8
+    if not 0.0 < args.strength <= 1.0:
+        raise CliError(f"--strength {args.strength}: must be in (0, 1]")
+    edit = {}
+    for key, path, mode in (("image", args.init_image, "RGB"), ("mask_image", args.mask, "L")):
+        if path is None:
+            continue
+        try:
+            edit[key] = np.asarray(Image.open(path).convert(mode))
+        except (OSError, ValueError) as e:
+            flag = "--init-image" if key == "image" else "--mask"
+            raise CliError(f"{flag} {path}: cannot read it as an image ({e})") from e
+    count = len(args.prompt) * args.num_images
+    return {k: np.stack([v] * count) for k, v in edit.items()}
 
 
 SAMPLING_FLAGS = {"height": "height", "width": "width", "steps": "num_inference_steps",
@@ -354,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text-to-image with a diffusers LCM (or SD) pipeline folder", **fmt)
-    s.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json)")
+    s.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json), gs:// URL or Hub id org/name")
     s.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     for flag, kind in (("steps", int), ("guidance", float), ("height", int), ("width", int)):
         builtin = BUILTIN_DEFAULTS[SAMPLING_FLAGS[flag]]
@@ -366,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: the model folder's {DEFAULTS_FILE}, else {BUILTIN_DEFAULTS['sampler']}")
     s.add_argument("--lora", help="LCM-LoRA safetensors (PEFT/diffusers or kohya) to fuse in")
     s.add_argument("--lora-scale", type=float, default=1.0, help="strength of the fused LoRA")
+    s.add_argument("--init-image", help="img2img: start from this image (its size is the output's)")
+    s.add_argument("--mask", help="inpainting (with --init-image): repaint where this grayscale mask is white")
+    s.add_argument("--strength", type=float, default=None,
+                   help="how far from --init-image to go, in (0, 1] (default: 0.8; 1.0 with --mask)")
     s.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
 
     k = sub.add_parser("cache", help="encode a dataset once into an on-disk latent cache", **fmt)

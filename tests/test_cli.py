@@ -57,6 +57,40 @@ def test_sample_writes_pngs_and_grid(folder, tmp_path, capsys):
         assert text in printed
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["img2img", "inpaint"])
+def test_sample_from_an_init_image_equals_the_pipeline(folder, tmp_path, masked):
+    """--init-image (and --mask) give the images of LCMPipeline.img2img / inpaint on the same
+    inputs, written as PNGs."""
+    rs = np.random.default_rng(0)
+    image = (rs.random((64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(image).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    flags = ["--init-image", str(tmp_path / "init.png"), "--strength", "0.6"]
+    flags += ["--mask", str(tmp_path / "mask.png")] if masked else []
+    out = tmp_path / "out"
+    assert cli.main(["sample", "--model", folder, "--prompt", "a red circle", "--out", str(out),
+                     "--steps", "4", "--guidance", "8.5", "--sampler", "lcm", *flags]) == 0
+    pipe = lcm_jax.LCMPipeline.from_pretrained(folder)
+    kwargs = dict(strength=0.6, num_inference_steps=4, guidance_scale=8.5, seed=0, sampler="lcm")
+    ref = (pipe.inpaint(["a red circle"], image[None], mask[None], **kwargs) if masked
+           else pipe.img2img(["a red circle"], image[None], **kwargs))
+    ref = (np.clip(ref[0], 0, 1) * 255 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(_png(out / "00_00.png"), ref)
+    assert np.abs(ref.astype(int) - image).mean() > 1.0  # the image was changed
+
+
+def test_sample_edit_flags_are_checked_before_loading(folder, tmp_path, capsys):
+    base = ["sample", "--model", folder, "--prompt", "x", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--mask", "m.png"], "--mask needs --init-image"),
+                           (["--strength", "0.5"], "--strength needs --init-image"),
+                           (["--init-image", str(tmp_path / "none.png")], "none.png: cannot read it")):
+        assert cli.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_sample_num_images_per_prompt(folder, tmp_path):
     out = tmp_path / "out"
     rc = cli.main(["sample", "--model", folder, "--prompt", "a red circle", "--num-images", "2",

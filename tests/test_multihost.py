@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import fsspec
@@ -24,7 +25,7 @@ from gcs_emulator import _free_port, gcs_bucket, gcs_server  # noqa: F401  (fixt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 4
-TOTAL = 30
+TOTAL = 20
 TIMING = ("steps_per_s", "examples_per_s")
 
 
@@ -48,17 +49,40 @@ def _metrics(workdir: str) -> list[dict]:
 def _launch(workdir: str, config: list[str]) -> list[subprocess.Popen]:
     args = [sys.executable, "-m", "lcm_jax.train", f"--workdir={workdir}", *config,
             f"--config.total_steps={TOTAL}", "--config.batch_size=8", "--config.log_every=1",
-            "--config.eval_every=5", "--config.checkpoint_every=10",
+            "--config.eval_every=5", "--config.checkpoint_every=10", "--config.async_checkpointing=false",
             f"--coordinator=127.0.0.1:{_free_port()}", f"--num_processes={PROCESSES}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for i in range(PROCESSES)]
+    procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env,
+                              stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT)
+             for i in range(PROCESSES)]  # files, not pipes: nobody reads them while it runs
+    LAUNCHED.extend(procs)
+    return procs
+
+
+LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """A failed or timed-out test kills what it launched (gloo peers wait for each other forever)."""
+    yield
+    for p in LAUNCHED:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    LAUNCHED.clear()
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.stdout.seek(0)
+    return proc.stdout.read().decode(errors="replace")
 
 
 def _wait(procs, timeout=1200) -> list[str]:
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p in procs:
+        p.wait(timeout=timeout)
+    outs = [_output(p) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
     return outs
 
@@ -84,7 +108,7 @@ def _same_rows(got: list[dict], ref: list[dict]) -> None:
 
 
 TINY = ["--config=configs/tiny_lcd.py", "--config.eval_endpoint_timesteps=(999,499)"]
-SHAPES = ["--config=lcm_jax/worlds/shapes/configs/shapes_lcd.py", "--config.sample_every=10",
+SHAPES = ["--config=lcm_jax/worlds/shapes/configs/shapes_lcd.py", "--config.sample_every=5",
           "--config.optim.warmup_steps=2", "--config.data.cache_size=0"]
 
 
@@ -111,8 +135,8 @@ def test_four_processes_agree_on_sigterm_and_resume_exactly(gcs_bucket, config):
     assert f"{PROCESSES} devices, {PROCESSES} processes" in outs[0]
     ref = _metrics(ref_dir)
     assert [r["step"] for r in ref] == list(range(TOTAL + 1))  # step 0: the endpoint baseline
-    sampled = "--config.sample_every=10" in config
-    assert sorted(_samples(ref_dir)) == ([f"step_{s:06d}.png" for s in (10, 20, 30)] if sampled else [])
+    sampled = "--config.sample_every=5" in config
+    assert sorted(_samples(ref_dir)) == ([f"step_{s:06d}.png" for s in (5, 10, 15, 20)] if sampled else [])
 
     # SIGTERM to process 2 only, mid-run: every process saves the same step and exits.
     procs = _launch(run_dir, config)
@@ -126,16 +150,16 @@ def test_four_processes_agree_on_sigterm_and_resume_exactly(gcs_bucket, config):
     step = steps.pop()
     assert _gfs().exists(f"{_path(run_dir)}/checkpoints/{step}")
 
-    # Resume; kill -9 every process once checkpoint 20 is committed (a pod losing all its hosts).
+    # Resume; kill -9 every process once checkpoint 10 is committed (a pod losing all its hosts).
     procs = _launch(run_dir, config)
-    _wait_for(lambda: _gfs().exists(f"{_path(run_dir)}/checkpoints/20/commit_success.txt"),
-              procs, "checkpoint 20")
+    _wait_for(lambda: _gfs().exists(f"{_path(run_dir)}/checkpoints/10/commit_success.txt"),
+              procs, "checkpoint 10")
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait()
     outs = _wait(_launch(run_dir, config))
-    assert re.search(r"resumed from \S+ step (\d+)", outs[0]).group(1) in ("20", "30")
+    assert re.search(r"resumed from \S+ step (\d+)", outs[0]).group(1) in ("10", "20")
     _same_rows(_metrics(run_dir), ref)
     ref_samples, got = _samples(ref_dir), _samples(run_dir)
     assert sorted(got) == sorted(ref_samples)

@@ -187,6 +187,44 @@ def test_two_processes_match_one_process_two_devices(tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=1e-4)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """SIGTERM reaches process 1 only; JAX's preemption sync manager makes both save the same
+    step and exit, and the rerun's metrics equal an uninterrupted run's (one process, two
+    devices: the same mesh) step for step. tests/test_multihost.py does it with four processes,
+    a bucket and the shapes LCD (slow)."""
+    total = 300
+    common = [f"--config.total_steps={total}", "--config.log_every=1", "--config.eval_every=0",
+              "--config.checkpoint_every=100"]
+    ref = str(tmp_path / "ref")
+    _run([f"--workdir={ref}"] + common, devices=2)
+    run = str(tmp_path / "run")
+
+    def launch():
+        port = 20000 + (os.getpid() + int(time.time())) % 20000
+        return [subprocess.Popen(TRAIN + [f"--workdir={run}", f"--coordinator=localhost:{port}",
+                                          "--num_processes=2", f"--process_id={i}"] + common,
+                                 cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+    procs = launch()
+    deadline = time.time() + 900
+    while not (os.path.exists(os.path.join(run, "metrics.jsonl")) and len(_metrics(run)) >= 3):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended before step 3"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    steps = {int(re.search(r"SIGTERM: saved step (\d+)", o).group(1)) for o in outs}
+    assert len(steps) == 1 and 3 <= min(steps) < total, steps
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [str(s) for s in sorted(
+        {s for s in (100, 200) if s < min(steps)} | steps)]
+    outs = [p.communicate(timeout=900)[0] for p in launch()]
+    assert f"resumed from {run}/checkpoints step {min(steps)}" in outs[0]
+    a, b = _metrics(ref), _metrics(run)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, total + 1))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+
+
 def test_diffusion_training_keeps_an_exact_weight_ema():
     """method='diffusion' with diffusion_ema_decay: target_params is the EMA of the weights after
     every step (what a teacher ships), and the weights themselves train exactly as without it."""
