@@ -298,3 +298,16 @@ def test_lcd_without_ema_uses_the_current_student_as_target():
     _, ema = losses(0.95)
     assert no_ema[0] == pytest.approx(ema[0], rel=1e-6)
     assert no_ema[1] != pytest.approx(ema[1], rel=1e-6)
+
+
+def test_metrics_writer_keeps_rows_up_to_the_restored_step_only(tmp_path):
+    """A resume from step 5 keeps rows 0..5; a fresh start (a kill before the first checkpoint)
+    keeps none, since it logs the step-0 baseline again; a row cut short by a kill is dropped."""
+    from lcm_jax.training.metrics import MetricsWriter
+
+    rows = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in (0, 5, 10)]
+    path = tmp_path / "metrics.jsonl"
+    for start, kept in ((5, [0, 5]), (0, [])):
+        path.write_text("\n".join(rows) + '\n{"step": 11, "lo')
+        MetricsWriter(str(tmp_path), start).close()
+        assert [r["step"] for r in _metrics(str(tmp_path))] == kept

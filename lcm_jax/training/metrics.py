@@ -12,8 +12,24 @@ import jax
 from lcm_jax import fs
 
 
+def _rows_kept(text: str, start_step: int) -> list[str]:
+    """The lines of an earlier metrics.jsonl a run starting at `start_step` keeps: those up to the
+    restored step (logged before its checkpoint was saved); none for a fresh start, which logs
+    everything again from the step-0 baseline. A line cut short by a kill is dropped."""
+    keep = []
+    for line in text.splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if 0 < start_step and step <= start_step:
+            keep.append(line)
+    return keep
+
+
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step.
+    """metrics.jsonl + TensorBoard (process 0 only). Resuming drops lines past the restored step
+    (`_rows_kept`).
 
     A remote workdir (gs://) is written through a local folder published after every write: an
     object cannot be appended to, so each write replaces metrics.jsonl and the events file whole,
@@ -30,8 +46,8 @@ class MetricsWriter:
         run_path = fs.join(workdir, "metrics.jsonl")
         if fs.exists(run_path):
             with fs.open(run_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            fs.write_text_atomic(self.path, "".join(keep))
+                keep = _rows_kept(f.read(), start_step)
+            fs.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         try:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
