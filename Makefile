@@ -15,8 +15,11 @@ demo: install
 	$(PYTHON) -m lcm_jax.demo --workdir=runs/demo
 
 # The whole fast suite (full-size parity tests are marked `slow`; run them with `make test-slow`).
+# Test files are spread over TEST_WORKERS processes (a module's fixtures stay in one), which share
+# one persistent XLA cache; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install-test
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 test-slow: install-test
 	$(PYTHON) -m pytest -q -m slow tests

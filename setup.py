@@ -41,6 +41,7 @@ setup(
             "accelerate",
             "peft>=0.17",
             "pytest>=8",
+            "pytest-xdist>=3.5",  # `make test` runs the suite on two workers
             "gcp-storage-emulator>=2024.8",  # tests/gcs_emulator.py
         ],
     },
