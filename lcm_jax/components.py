@@ -38,6 +38,8 @@ class Components:
     text_params_2: Any = None
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: CFG without a negative prompt uses zeros
+    controlnet: Any = None          # a ControlNetModel beside the folder's UNet (its own folder)
+    controlnet_params: Any = None
 
     @property
     def is_sdxl(self) -> bool:
