@@ -1,6 +1,7 @@
 """ControlNet against diffusers: ControlNetModel's residuals and the UNet taking them (within
 1e-5, fp32), and LCMPipeline with a ControlNet against StableDiffusion(XL)ControlNetPipeline on
 tiny random-weight folders (images within 1e-3)."""
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -83,8 +84,7 @@ def assert_images_close(ours, ref):
     assert err <= 1e-3, err
 
 
-@pytest.mark.parametrize("steps, scale", [(2, 1.0), (4, 0.5)])
-def test_lcm_controlnet_pipeline_matches_diffusers(lcm, control_image, steps, scale):
+def test_lcm_controlnet_pipeline_matches_diffusers(lcm, control_image, steps=3, scale=0.5):
     """A w-conditioned LCM with a ControlNet in StableDiffusionControlNetPipeline (LCMScheduler)."""
     from diffusers import StableDiffusionControlNetPipeline
 
@@ -135,22 +135,13 @@ def test_sdxl_controlnet_pipeline_matches_diffusers(tmp_path, control_image):
     tpipe = build_sdxl_pipeline(path)
     cn = save_controlnet(tpipe.unet, os.path.join(path, "controlnet"), seed=7)
     ref = StableDiffusionXLControlNetPipeline.from_pipe(tpipe, controlnet=cn)(
-        PROMPT, image=control_image, num_inference_steps=2, guidance_scale=8.5, height=64, width=64,
+        PROMPT, image=control_image, num_inference_steps=1, guidance_scale=8.5, height=64, width=64,
         generator=torch.Generator().manual_seed(3), output_type="np").images
-    latents, *noises = torch_draws(3, 3)
+    latents, *noises = torch_draws(3, 2)
     pipe = LCMPipeline.from_pretrained(path, controlnet=os.path.join(path, "controlnet"))
-    ours = pipe(PROMPT, num_inference_steps=2, guidance_scale=8.5, height=64, width=64, latents=latents,
+    ours = pipe(PROMPT, num_inference_steps=1, guidance_scale=8.5, height=64, width=64, latents=latents,
                 noises=np.stack(noises), image=control_image)
     assert_images_close(ours, ref)
-
-
-def test_jitted_equals_eager_and_model_compile(lcm, control_image):
-    pipe = lcm[3]
-    args = dict(num_inference_steps=2, height=64, width=64, seed=4, image=control_image,
-                controlnet_conditioning_scale=0.9)
-    whole = pipe(PROMPT, **args)
-    np.testing.assert_allclose(pipe(PROMPT, debug=True, **args), whole, atol=1e-5)
-    np.testing.assert_allclose(pipe(PROMPT, compile="model", **args), whole, atol=1e-5)
 
 
 def test_controlnet_input_errors(lcm, control_image, tmp_path):
@@ -162,7 +153,7 @@ def test_controlnet_input_errors(lcm, control_image, tmp_path):
         pipe(PROMPT, image=control_image[:, :32, :32], **args)
     with pytest.raises(ValueError, match="controlnet_conditioning_scale must be >= 0"):
         pipe(PROMPT, image=control_image, controlnet_conditioning_scale=float("nan"), **args)
-    plain = LCMPipeline.from_pretrained(lcm[2])
+    plain = LCMPipeline(dataclasses.replace(pipe.components, controlnet=None, controlnet_params=None))
     with pytest.raises(ValueError, match="is a ControlNet's conditioning image, but none is loaded"):
         plain(PROMPT, image=control_image, **args)
     from diffusers import ControlNetModel, UNet2DConditionModel
