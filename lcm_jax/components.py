@@ -89,6 +89,26 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
                       schedules.NoiseSchedule.from_scheduler_config(sched_cfg), sched_cfg, **sdxl)
 
 
+def load_any_vae(path: str, dtype=jnp.float32, variant: Optional[str] = None) -> tuple[Any, Any]:
+    """A diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, or a Hub id of one, by its
+    config's _class_name: (module, params)."""
+    from lcm_jax.convert.taesd import load_taesd
+
+    folder = hub.local_folder(path, variant)
+    cls = read_json(os.path.join(folder, "config.json"), "a VAE folder needs one").get("_class_name")
+    return (load_taesd if cls == "AutoencoderTiny" else load_vae)(folder, dtype=dtype, variant=variant)
+
+
+def with_vae(components: Components, vae, vae_params, source: str) -> Components:
+    """`components` decoding (and encoding) with another VAE of the same latent space."""
+    old = components.vae
+    for key in ("latent_channels", "downsample_factor"):
+        if getattr(vae, key) != getattr(old, key):
+            raise WeightsError(f"{source}: the VAE's {key} is {getattr(vae, key)}, the pipeline's "
+                               f"{getattr(old, key)}; it is not a VAE of this model's latent space")
+    return dataclasses.replace(components, vae=vae, vae_params=vae_params)
+
+
 def text_embeddings(text_encoder, params, ids: jax.Array) -> tuple[jax.Array, None]:
     """SD 1.x/2.x prompt conditioning: CLIP's last hidden state (B, L, D); no pooled embeds."""
     return text_encoder.apply({"params": params}, ids).last_hidden_state, None

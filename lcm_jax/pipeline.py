@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import edits, hub, sampling, schedules
-from lcm_jax.components import (Components, decode_latents, load_components,
-                                sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
+from lcm_jax.components import (Components, decode_latents, load_any_vae, load_components,
+                                sdxl_text_embeddings, sdxl_time_ids, text_embeddings, with_vae)
 from lcm_jax.convert.common import WeightsError
 
 SAMPLERS = sampling.SAMPLERS
@@ -69,6 +69,12 @@ class _Run:
     compile: str
     edit: Optional[tuple] = None
     control: Optional[tuple] = None   # (ControlNet image (B, H, W, 3) in [0, 1], conditioning scale)
+
+
+def default_dtype() -> jnp.dtype:
+    """The sampling dtype (params and compute) where none is asked for: bfloat16 on GPU and TPU
+    (half the memory, their fast matmul type), float32 on CPU (no bf16 speed-up there)."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
 def check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -123,15 +129,23 @@ class LCMPipeline:
             if getattr(components, k) is not None})
         self.unet_params = components.unet_params
         self.vae_factor = components.vae.downsample_factor
-        self._lora = None            # (factors, scale) of an unfused LoRA
+        self._adapters: dict = {}    # unfused LoRAs by adapter name
+        self._active: dict = {}      # adapter name -> weight, for those the sampler merges
         self._compiled: dict = {}
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None,
-                        controlnet: Optional[str] = None) -> "LCMPipeline":
+    def from_pretrained(cls, folder: str, dtype=None, variant: Optional[str] = None,
+                        controlnet: Optional[str] = None, vae: Optional[str] = None) -> "LCMPipeline":
         """The pipeline of a diffusers folder (local, gs:// or a Hub id); `controlnet`: a
-        diffusers ControlNetModel folder or Hub id to condition on (`load_controlnet`)."""
-        pipe = cls(load_components(folder, dtype=dtype, variant=variant))
+        diffusers ControlNetModel folder or Hub id to condition on (`load_controlnet`); `vae`: an
+        AutoencoderTiny (TAESD, e.g. "madebyollin/taesd") or AutoencoderKL folder / Hub id that
+        replaces the folder's VAE (as diffusers' `vae=` argument). `dtype` (params and compute):
+        default `default_dtype()`."""
+        dtype = default_dtype() if dtype is None else dtype
+        components = load_components(folder, dtype=dtype, variant=variant)
+        if vae is not None:
+            components = with_vae(components, *load_any_vae(vae, dtype=dtype), source=vae)
+        pipe = cls(components)
         if controlnet is not None:
             pipe.load_controlnet(controlnet, variant=variant)
         return pipe
@@ -155,27 +169,62 @@ class LCMPipeline:
         self.__dict__.pop("_jitted_parts", None)
 
     # ----------------------------------------------------------------------------- LoRA
-    def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0) -> None:
-        """Adds LCM-LoRA weights (PEFT/diffusers or kohya safetensors) to the UNet.
+    def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0,
+                          adapter_name: Optional[str] = None) -> None:
+        """Adds LoRA weights (PEFT/diffusers or kohya safetensors) to the UNet.
 
-        fuse=True merges them into the UNet's kernels once; fuse=False keeps the factors and
-        merges inside the jitted sampler (same numbers; the base weights stay untouched).
+        fuse=True merges them into the UNet's kernels once at weight `scale`; fuse=False keeps
+        the factors as adapter `adapter_name` (default 'default_<n>', as diffusers), active at
+        weight `scale` until `set_adapters` changes that, and merges the active adapters inside
+        the jitted sampler (the same numbers; the base weights stay untouched).
         """
         from lcm_jax.convert.lora import load_lora
-        from lcm_jax.models import lora as lora_lib
 
         factors, alpha_scale = load_lora(path, self.components.unet_params)
-        merged_scale = scale * alpha_scale
         if fuse:
-            self.unet_params = jax.jit(lora_lib.merge, static_argnums=2)(self.unet_params, factors, merged_scale)
-            self._lora = None
-        else:
-            self._lora = (factors, merged_scale)
+            self._fuse([(factors, scale * alpha_scale)])
+            return
+        name = adapter_name or f"default_{len(self._adapters)}"
+        if name in self._adapters:
+            raise ValueError(f"adapter_name {name!r} is already loaded ({sorted(self._adapters)}); pick another")
+        self._adapters[name] = jax.tree.map(lambda a: a * alpha_scale, factors)
+        self._active[name] = float(scale)
         self._compiled.clear()
 
+    def set_adapters(self, adapter_names: Union[str, Sequence[str]],
+                     adapter_weights: Union[None, float, Sequence[float]] = None) -> None:
+        """Which unfused LoRAs the sampler merges, and at which weights (default 1.0 each), as
+        diffusers' set_adapters; the others stay loaded, inactive."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not loaded; loaded (unfused): {sorted(self._adapters)}")
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else (
+            [1.0 if adapter_weights is None else adapter_weights] * len(names))
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter_weights for {len(names)} adapter_names; give one each")
+        self._active = {n: float(w) for n, w in zip(names, weights)}
+
+    def fuse_lora(self) -> None:
+        """Merges the active adapters at their weights into the UNet's kernels (one merge, no
+        per-call cost); they are then no longer separate adapters."""
+        self._fuse([(self._adapters.pop(n), w) for n, w in self._active.items()])
+        self._active = {}
+
+    def _fuse(self, adapters) -> None:
+        from lcm_jax.models import lora as lora_lib
+
+        self.unet_params = jax.jit(lora_lib.merge_adapters)(self.unet_params, adapters)
+        self._compiled.clear()
+
+    def _unfused(self) -> Optional[tuple]:
+        """((factors, weight), ...) of the active unfused adapters, or None."""
+        return tuple((self._adapters[n], jnp.float32(w)) for n, w in self._active.items()) or None
+
     def unet_call_params(self):
-        """(UNet params, unfused LoRA factors or None): what the sampler's UNet call receives."""
-        return self.unet_params, (None if self._lora is None else self._lora[0])
+        """(UNet params, the active unfused adapters ((factors, weight), ...) or None): what the
+        sampler's UNet call receives."""
+        return self.unet_params, self._unfused()
 
     # ----------------------------------------------------------------------------- text
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -282,7 +331,7 @@ class LCMPipeline:
             from lcm_jax.models import lora as lora_lib
 
             if lora is not None:
-                unet_params = lora_lib.merge(unet_params, lora[0], lora[1])
+                unet_params = lora_lib.merge_adapters(unet_params, lora)
             text, uncond, added, uncond_added, edit_inputs, control_image = cond
             blend = extra = None
             if edit is not None:
@@ -447,7 +496,7 @@ class LCMPipeline:
         if key not in self._compiled:
             self._compiled[key] = self._generate_fn(*key[:5], run.num_inference_steps, run.edit)
         control_image = None if run.control is None else jnp.asarray(edits.batched(run.control[0], b, "image"))
-        params, lora_arg = self.unet_params, self._lora
+        params, lora_arg = self.unet_call_params()
         control = None if run.control is None else (self.components.controlnet_params, jnp.float32(run.control[1]))
         (params, vae_params, lora_arg, control), cond, latents = self._place(
             (params, self.components.vae_params, lora_arg, control),
