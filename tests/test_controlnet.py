@@ -127,6 +127,24 @@ def test_teacher_controlnet_with_cfg_matches_diffusers(lcm, teacher, control_ima
     assert_images_close(ours, ref)
 
 
+def test_teacher_controlnet_img2img_matches_diffusers(lcm, teacher, control_image):
+    """img2img with a ControlNet (`control_image`) as StableDiffusionControlNetImg2ImgPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetImg2ImgPipeline
+
+    tpipe, pipe = teacher
+    image = control_image[:, ::-1].copy()  # another image to start from
+    sched = DDIMScheduler.from_config(tpipe.scheduler.config, clip_sample=False)
+    ref = StableDiffusionControlNetImg2ImgPipeline.from_pipe(tpipe, controlnet=lcm[1], scheduler=sched)(
+        PROMPT, image=image, control_image=control_image, strength=0.5, num_inference_steps=4,
+        guidance_scale=4.0, controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(6),
+        output_type="np").images
+    posterior, noise = torch_draws(6, 2)
+    ours = pipe.img2img(PROMPT, image, strength=0.5, num_inference_steps=4, guidance_scale=4.0, sampler="ddim",
+                        noise=noise, posterior_noise=posterior, control_image=control_image,
+                        controlnet_conditioning_scale=0.8)
+    assert_images_close(ours, ref)
+
+
 def test_sdxl_controlnet_pipeline_matches_diffusers(tmp_path, control_image):
     """SDXL: the ControlNet takes the pooled text embeds and micro-conditioning as the UNet."""
     from diffusers import StableDiffusionXLControlNetPipeline

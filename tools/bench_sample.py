@@ -307,7 +307,7 @@ def main(argv=None) -> None:
     folder = args.keep or os.path.join(work, "lcm_sd15_random")
     cache, inputs = os.path.join(work, "xla_cache"), os.path.join(work, "inputs.npz")
     try:
-        print(f"building the SD 1.5-sized random pipeline in {folder} ...", flush=True)
+        print(f"building the {'tiny' if args.tiny else 'SD 1.5-sized'} random pipeline in {folder} ...", flush=True)
         tpipe = build_folder(folder, args.seed, args.tiny)
         latents = np.random.default_rng(args.seed).standard_normal(
             (1, args.size // 8, args.size // 8, 4)).astype(np.float32)
