@@ -38,6 +38,8 @@ class Components:
     text_params_2: Any = None
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: CFG without a negative prompt uses zeros
+    controlnet: Any = None          # a ControlNetModel beside the folder's UNet (its own folder)
+    controlnet_params: Any = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -85,6 +87,26 @@ def load_components(folder: str, dtype=jnp.float32, variant: Optional[str] = Non
                     force_zeros_for_empty_prompt=bool(parts.get("force_zeros_for_empty_prompt", True)))
     return Components(unet, up, vae, vp, te, tp, tok,
                       schedules.NoiseSchedule.from_scheduler_config(sched_cfg), sched_cfg, **sdxl)
+
+
+def load_any_vae(path: str, dtype=jnp.float32, variant: Optional[str] = None) -> tuple[Any, Any]:
+    """A diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, or a Hub id of one, by its
+    config's _class_name: (module, params)."""
+    from lcm_jax.convert.taesd import load_taesd
+
+    folder = hub.local_folder(path, variant)
+    cls = read_json(os.path.join(folder, "config.json"), "a VAE folder needs one").get("_class_name")
+    return (load_taesd if cls == "AutoencoderTiny" else load_vae)(folder, dtype=dtype, variant=variant)
+
+
+def with_vae(components: Components, vae, vae_params, source: str) -> Components:
+    """`components` decoding (and encoding) with another VAE of the same latent space."""
+    old = components.vae
+    for key in ("latent_channels", "downsample_factor"):
+        if getattr(vae, key) != getattr(old, key):
+            raise WeightsError(f"{source}: the VAE's {key} is {getattr(vae, key)}, the pipeline's "
+                               f"{getattr(old, key)}; it is not a VAE of this model's latent space")
+    return dataclasses.replace(components, vae=vae, vae_params=vae_params)
 
 
 def text_embeddings(text_encoder, params, ids: jax.Array) -> tuple[jax.Array, None]:

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import edits, sampling, schedules
-from lcm_jax.components import (Components, decode_latents, load_components,
-                                sdxl_text_embeddings, sdxl_time_ids, text_embeddings)
+from lcm_jax import edits, hub, sampling, schedules
+from lcm_jax.components import (Components, decode_latents, load_any_vae, load_components,
+                                sdxl_text_embeddings, sdxl_time_ids, text_embeddings, with_vae)
+from lcm_jax.convert.common import WeightsError
 
 SAMPLERS = sampling.SAMPLERS
 # A pipeline folder's recommended sampling settings (every key optional), beside model_index.json:
@@ -67,6 +68,13 @@ class _Run:
     debug: bool
     compile: str
     edit: Optional[tuple] = None
+    control: Optional[tuple] = None   # (ControlNet image (B, H, W, 3) in [0, 1], conditioning scale)
+
+
+def default_dtype() -> jnp.dtype:
+    """The sampling dtype (params and compute) where none is asked for: bfloat16 on GPU and TPU
+    (half the memory, their fast matmul type), float32 on CPU (no bf16 speed-up there)."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
 def check_call(num_inference_steps: int, guidance_scale: float, height: int, width: int,
@@ -81,6 +89,22 @@ def check_call(num_inference_steps: int, guidance_scale: float, height: int, wid
                          f"downsampling factor), got {height}x{width}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} unknown; choose one of {SAMPLERS}")
+
+
+def with_controlnet(unet_fn, apply_controlnet, control: Optional[tuple], image: Optional[jax.Array]):
+    """A UNet call `unet_fn(x, t, text, t_cond, added, residuals)` with a ControlNet's residuals
+    added (`control` = (its params, conditioning scale); `image` repeated for a CFG batch of 2B);
+    as diffusers, the ControlNet sees the 4-channel latents and the prompt, not the guidance
+    embedding."""
+    if image is None:
+        return unet_fn
+    params, scale = control
+
+    def fn(x, t, text, t_cond, added):
+        images = jnp.concatenate([image] * (x.shape[0] // image.shape[0]))
+        return unet_fn(x, t, text, t_cond, added, apply_controlnet(params, x, t, text, images, scale, added))
+
+    return fn
 
 
 def check_steps(sampler: str, num_inference_steps: int, scheduler_config: dict,
@@ -99,41 +123,108 @@ class LCMPipeline:
     def __init__(self, components: Components):
         # Weights become device arrays once, here (which reads the memory-mapped files): a call
         # then passes device buffers instead of converting host arrays every time.
-        weights = ("unet_params", "vae_params", "text_params", "text_params_2")
+        weights = ("unet_params", "vae_params", "text_params", "text_params_2", "controlnet_params")
         self.components = components = dataclasses.replace(components, **{
             k: jax.device_put(getattr(components, k)) for k in weights
             if getattr(components, k) is not None})
         self.unet_params = components.unet_params
         self.vae_factor = components.vae.downsample_factor
-        self._lora = None            # (factors, scale) of an unfused LoRA
+        self._adapters: dict = {}    # unfused LoRAs by adapter name
+        self._active: dict = {}      # adapter name -> weight, for those the sampler merges
         self._compiled: dict = {}
 
     @classmethod
-    def from_pretrained(cls, folder: str, dtype=jnp.float32, variant: Optional[str] = None) -> "LCMPipeline":
-        return cls(load_components(folder, dtype=dtype, variant=variant))
+    def from_pretrained(cls, folder: str, dtype=None, variant: Optional[str] = None,
+                        controlnet: Optional[str] = None, vae: Optional[str] = None) -> "LCMPipeline":
+        """The pipeline of a diffusers folder (local, gs:// or a Hub id); `controlnet`: a
+        diffusers ControlNetModel folder or Hub id to condition on (`load_controlnet`); `vae`: an
+        AutoencoderTiny (TAESD, e.g. "madebyollin/taesd") or AutoencoderKL folder / Hub id that
+        replaces the folder's VAE (as diffusers' `vae=` argument). `dtype` (params and compute):
+        default `default_dtype()`."""
+        dtype = default_dtype() if dtype is None else dtype
+        components = load_components(folder, dtype=dtype, variant=variant)
+        if vae is not None:
+            components = with_vae(components, *load_any_vae(vae, dtype=dtype), source=vae)
+        pipe = cls(components)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet, variant=variant)
+        return pipe
+
+    def load_controlnet(self, path: str, variant: Optional[str] = None) -> None:
+        """Loads a diffusers ControlNetModel folder (or Hub id) made for this UNet, in the UNet's
+        dtype; calls then take its conditioning image (`image=` / `control_image=`)."""
+        from lcm_jax.convert.controlnet import load_controlnet
+
+        folder = hub.local_folder(path, variant)
+        model, params = load_controlnet(folder, dtype=self.components.unet.dtype, variant=variant)
+        unet_cfg = self.components.unet.config
+        for key in ("block_out_channels", "layers_per_block", "down_block_types"):
+            if getattr(model.config, key) != getattr(unet_cfg, key):
+                raise WeightsError(f"{folder}: the ControlNet's {key} {getattr(model.config, key)} differs "
+                                   f"from the UNet's {getattr(unet_cfg, key)}; it was made for another "
+                                   "base model")
+        self.components = dataclasses.replace(self.components, controlnet=model,
+                                              controlnet_params=jax.device_put(params))
+        self._compiled.clear()
+        self.__dict__.pop("_jitted_parts", None)
 
     # ----------------------------------------------------------------------------- LoRA
-    def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0) -> None:
-        """Adds LCM-LoRA weights (PEFT/diffusers or kohya safetensors) to the UNet.
+    def load_lora_weights(self, path: str, fuse: bool = True, scale: float = 1.0,
+                          adapter_name: Optional[str] = None) -> None:
+        """Adds LoRA weights (PEFT/diffusers or kohya safetensors) to the UNet.
 
-        fuse=True merges them into the UNet's kernels once; fuse=False keeps the factors and
-        merges inside the jitted sampler (same numbers; the base weights stay untouched).
+        fuse=True merges them into the UNet's kernels once at weight `scale`; fuse=False keeps
+        the factors as adapter `adapter_name` (default 'default_<n>', as diffusers), active at
+        weight `scale` until `set_adapters` changes that, and merges the active adapters inside
+        the jitted sampler (the same numbers; the base weights stay untouched).
         """
         from lcm_jax.convert.lora import load_lora
-        from lcm_jax.models import lora as lora_lib
 
         factors, alpha_scale = load_lora(path, self.components.unet_params)
-        merged_scale = scale * alpha_scale
         if fuse:
-            self.unet_params = jax.jit(lora_lib.merge, static_argnums=2)(self.unet_params, factors, merged_scale)
-            self._lora = None
-        else:
-            self._lora = (factors, merged_scale)
+            self._fuse([(factors, scale * alpha_scale)])
+            return
+        name = adapter_name or f"default_{len(self._adapters)}"
+        if name in self._adapters:
+            raise ValueError(f"adapter_name {name!r} is already loaded ({sorted(self._adapters)}); pick another")
+        self._adapters[name] = jax.tree.map(lambda a: a * alpha_scale, factors)
+        self._active[name] = float(scale)
         self._compiled.clear()
 
+    def set_adapters(self, adapter_names: Union[str, Sequence[str]],
+                     adapter_weights: Union[None, float, Sequence[float]] = None) -> None:
+        """Which unfused LoRAs the sampler merges, and at which weights (default 1.0 each), as
+        diffusers' set_adapters; the others stay loaded, inactive."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not loaded; loaded (unfused): {sorted(self._adapters)}")
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else (
+            [1.0 if adapter_weights is None else adapter_weights] * len(names))
+        if len(weights) != len(names):
+            raise ValueError(f"{len(weights)} adapter_weights for {len(names)} adapter_names; give one each")
+        self._active = {n: float(w) for n, w in zip(names, weights)}
+
+    def fuse_lora(self) -> None:
+        """Merges the active adapters at their weights into the UNet's kernels (one merge, no
+        per-call cost); they are then no longer separate adapters."""
+        self._fuse([(self._adapters.pop(n), w) for n, w in self._active.items()])
+        self._active = {}
+
+    def _fuse(self, adapters) -> None:
+        from lcm_jax.models import lora as lora_lib
+
+        self.unet_params = jax.jit(lora_lib.merge_adapters)(self.unet_params, adapters)
+        self._compiled.clear()
+
+    def _unfused(self) -> Optional[tuple]:
+        """((factors, weight), ...) of the active unfused adapters, or None."""
+        return tuple((self._adapters[n], jnp.float32(w)) for n, w in self._active.items()) or None
+
     def unet_call_params(self):
-        """(UNet params, unfused LoRA factors or None): what the sampler's UNet call receives."""
-        return self.unet_params, (None if self._lora is None else self._lora[0])
+        """(UNet params, the active unfused adapters ((factors, weight), ...) or None): what the
+        sampler's UNet call receives."""
+        return self.unet_params, self._unfused()
 
     # ----------------------------------------------------------------------------- text
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -201,13 +292,23 @@ class LCMPipeline:
 
     @functools.cached_property
     def _jitted_parts(self):
-        """The UNet call and the VAE decode compiled on their own (compile='model')."""
-        return jax.jit(self.apply_unet), jax.jit(functools.partial(decode_latents, self.components.vae))
+        """The UNet call, the VAE decode and the ControlNet call compiled on their own
+        (compile='model')."""
+        return (jax.jit(self.apply_unet), jax.jit(functools.partial(decode_latents, self.components.vae)),
+                jax.jit(self.apply_controlnet))
 
-    def apply_unet(self, params, x, t, text, t_cond, added=None):
-        """The UNet's output for latents x at timesteps t (no guidance)."""
+    def apply_unet(self, params, x, t, text, t_cond, added=None, residuals=None):
+        """The UNet's output for latents x at timesteps t (no guidance); `residuals`: a
+        ControlNet's (down residuals, mid residual)."""
+        down, mid = (None, None) if residuals is None else residuals
         return self.components.unet.apply({"params": params}, x, t, text, timestep_cond=t_cond,
-                                 added_cond_kwargs=added)
+                                          added_cond_kwargs=added, down_block_additional_residuals=down,
+                                          mid_block_additional_residual=mid)
+
+    def apply_controlnet(self, params, x, t, text, image, scale, added=None):
+        """The ControlNet's (down residuals, mid residual) for latents x and its image."""
+        return self.components.controlnet.apply({"params": params}, x, t, text, image, scale,
+                                                added_cond_kwargs=added)
 
     def _generate_fn(self, sampler: str, ts: tuple, use_cfg: bool, gamma: float, compile: str,
                      num_inference_steps: Optional[int] = None, edit: Optional[tuple] = None):
@@ -216,26 +317,28 @@ class LCMPipeline:
         dpm = sampling.dpm_options(self.components.scheduler_config)
         ts = np.asarray(ts)
         if compile == "model":
-            apply_unet, decode = self._jitted_parts
+            apply_unet, decode, apply_controlnet = self._jitted_parts
         else:
-            apply_unet, decode = self.apply_unet, functools.partial(decode_latents, self.components.vae)
+            apply_unet, decode, apply_controlnet = (self.apply_unet, functools.partial(
+                decode_latents, self.components.vae), self.apply_controlnet)
 
         def noised(z0, noise):
             return sampling.noised_latents(sampler, z0, noise, schedule, ts,
                                            num_inference_steps=num_inference_steps, **dpm)
 
-        def generate(unet_params, vae_params, lora, cond, latents, w, rng, noises):
+        def generate(unet_params, vae_params, lora, cond, latents, w, rng, noises, control=None):
             from lcm_jax.models import layers
             from lcm_jax.models import lora as lora_lib
 
             if lora is not None:
-                unet_params = lora_lib.merge(unet_params, lora[0], lora[1])
-            text, uncond, added, uncond_added, edit_inputs = cond
+                unet_params = lora_lib.merge_adapters(unet_params, lora)
+            text, uncond, added, uncond_added, edit_inputs, control_image = cond
             blend = extra = None
             if edit is not None:
                 latents, blend, extra = edits.start_latents(edit[0], self.components.vae, vae_params,
                                                             edit_inputs, latents, noised, edit[1])
             unet = edits.with_extra_channels(lambda x, *a: apply_unet(unet_params, x, *a), extra)
+            unet = with_controlnet(unet, apply_controlnet, control, control_image)
             if use_cfg:  # one batch of 2B: unconditional rows first, as diffusers
                 text2, added2 = jax.tree.map(lambda u, c: jnp.concatenate([u, c]),
                                              (uncond, uncond_added), (text, added))
@@ -257,9 +360,13 @@ class LCMPipeline:
                  original_inference_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
                  negative_prompt: Optional[Union[str, Sequence[str]]] = None,
                  sampler: str = "lcm", gamma: float = 0.3, noises: Optional[np.ndarray] = None,
-                 debug: bool = False, compile: str = "whole") -> np.ndarray:
+                 debug: bool = False, compile: str = "whole", image=None,
+                 controlnet_conditioning_scale: float = 1.0) -> np.ndarray:
         """Images (B, H, W, 3) float32 in [0, 1]. `latents` (NHWC) replace the seeded noise;
         `noises` (steps, B, h, w, c) replace the re-noising draws of LCM/TCD (for comparisons).
+        `image`: the loaded ControlNet's conditioning image ((B,) height, width, 3 in [0, 1],
+        uint8 or PIL), its residuals scaled by `controlnet_conditioning_scale` (guess mode off),
+        as StableDiffusion(XL)ControlNetPipeline.
 
         compile: 'whole' (the sample is one XLA program, compiled per sampler and step count),
         'model' (only the UNet call and the VAE decode are compiled, once for every sampler and
@@ -267,7 +374,8 @@ class LCMPipeline:
         """
         check_call(num_inference_steps, guidance_scale, height, width, sampler, self.vae_factor)
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps)
-        run = _Run(sampler, ts, None, guidance_scale, negative_prompt, gamma, seed, noises, debug, compile)
+        run = _Run(sampler, ts, None, guidance_scale, negative_prompt, gamma, seed, noises, debug, compile,
+                   control=self._control(image, controlnet_conditioning_scale, height, width))
         return self._generate(prompt, height, width, latents, run)
 
     def img2img(self, prompt: Union[str, Sequence[str]], image, strength: float = 0.8,
@@ -276,19 +384,22 @@ class LCMPipeline:
                 negative_prompt: Optional[Union[str, Sequence[str]]] = None, sampler: str = "lcm",
                 gamma: float = 0.3, noise: Optional[np.ndarray] = None,
                 posterior_noise: Optional[np.ndarray] = None, noises: Optional[np.ndarray] = None,
-                debug: bool = False, compile: str = "whole") -> np.ndarray:
+                debug: bool = False, compile: str = "whole", control_image=None,
+                controlnet_conditioning_scale: float = 1.0) -> np.ndarray:
         """Images (B, H, W, 3) in [0, 1] from `image` ((B,) H, W, 3 in [0, 1], uint8 or PIL; its
         size is the output's) noised to `strength` and denoised towards `prompt`: a w-conditioned
         LCM as LatentConsistencyModelImg2ImgPipeline, any other UNet (teacher, LCM-LoRA) as
         StableDiffusionImg2ImgPipeline (`timesteps`). `noise` (added to the image's latents),
-        `posterior_noise` (the VAE encode's draw) and `noises` replace the seeded draws."""
+        `posterior_noise` (the VAE encode's draw) and `noises` replace the seeded draws.
+        `control_image`: the loaded ControlNet's image (as StableDiffusionControlNetImg2ImgPipeline)."""
         images = edits.as_images(image, self.vae_factor)
         check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
         w_cond = self.components.unet.config.time_cond_proj_dim is not None
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength,
                             lcm_img2img=w_cond)
         run = _Run(sampler, ts, num_inference_steps, guidance_scale,
-                   negative_prompt, gamma, seed, noises, debug, compile, ("img2img", False))
+                   negative_prompt, gamma, seed, noises, debug, compile, ("img2img", False),
+                   self._control(control_image, controlnet_conditioning_scale, *images.shape[1:3]))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
                               {"image": images, "posterior_noise": posterior_noise})
 
@@ -299,14 +410,15 @@ class LCMPipeline:
                 gamma: float = 0.3, noise: Optional[np.ndarray] = None,
                 posterior_noise: Optional[np.ndarray] = None,
                 masked_posterior_noise: Optional[np.ndarray] = None, noises: Optional[np.ndarray] = None,
-                debug: bool = False, compile: str = "whole") -> np.ndarray:
+                debug: bool = False, compile: str = "whole", control_image=None,
+                controlnet_conditioning_scale: float = 1.0) -> np.ndarray:
         """`image` with the region where `mask_image` >= 0.5 repainted towards `prompt`, as
         StableDiffusionInpaintPipeline: a 9-channel (SD inpainting) UNet sees the mask and the
         masked image's latents at every step; a 4-channel one (LCM, LCM-LoRA, a teacher) keeps
         the unmasked region by blending in the image's latents noised to each next timestep.
         strength 1 starts from pure noise. `noise`, `posterior_noise` (the image's encode),
         `masked_posterior_noise` (the masked image's, 9 channels) and `noises` replace the
-        seeded draws."""
+        seeded draws. `control_image`: the loaded ControlNet's image."""
         images = edits.as_images(image, self.vae_factor)
         check_call(num_inference_steps, guidance_scale, *images.shape[1:3], sampler, self.vae_factor)
         mask = edits.as_mask(mask_image, images)
@@ -317,7 +429,8 @@ class LCMPipeline:
         kind = "inpaint" if in_ch == latent_ch else "inpaint9"
         ts = self.timesteps(sampler, num_inference_steps, original_inference_steps, timesteps, strength)
         run = _Run(sampler, ts, num_inference_steps, guidance_scale,
-                   negative_prompt, gamma, seed, noises, debug, compile, (kind, strength == 1.0))
+                   negative_prompt, gamma, seed, noises, debug, compile, (kind, strength == 1.0),
+                   self._control(control_image, controlnet_conditioning_scale, *images.shape[1:3]))
         return self._generate(prompt, images.shape[1], images.shape[2], noise, run,
                               {"image": images, "mask": mask, "posterior_noise": posterior_noise,
                                "masked_posterior_noise": masked_posterior_noise})
@@ -334,6 +447,23 @@ class LCMPipeline:
             raise ValueError(f"negative_prompt has no effect at guidance_scale={guidance_scale} (no "
                              f"classifier-free guidance at <= 1); raise guidance_scale or drop negative_prompt")
         return w_dim is None and guidance_scale > 1.0
+
+    def _control(self, image, scale: float, height: int, width: int) -> Optional[tuple]:
+        """(the ControlNet's image (B, H, W, 3) in [0, 1], scale), checked; None without one."""
+        loaded = self.components.controlnet is not None
+        if image is None and not loaded:
+            return None
+        if image is None or not loaded:
+            raise ValueError("a ControlNet was loaded: pass its conditioning image (image= / control_image=)"
+                             if loaded else "image= / control_image= is a ControlNet's conditioning image, "
+                             "but none is loaded; use from_pretrained(path, controlnet=DIR)")
+        if not (0 <= scale < float("inf")):
+            raise ValueError(f"controlnet_conditioning_scale must be >= 0 and finite, got {scale}")
+        images = edits.as_images(image, self.vae_factor)
+        if images.shape[1:3] != (height, width):
+            raise ValueError(f"the ControlNet image is {images.shape[1]}x{images.shape[2]} but the output "
+                             f"is {height}x{width}; resize it or pass height/width to match")
+        return images, float(scale)
 
     def _generate(self, prompt, height: int, width: int, latents: Optional[np.ndarray], run: "_Run",
                   edit_inputs: Optional[dict] = None) -> np.ndarray:
@@ -362,15 +492,17 @@ class LCMPipeline:
         if edit_inputs is not None:
             edit_inputs = self._edit_inputs(edit_inputs, b, shape, rng)
         key = (run.sampler, tuple(int(t) for t in run.ts), use_cfg, run.gamma, compile, run.noises is None,
-               run.num_inference_steps, run.edit)
+               run.num_inference_steps, run.edit, run.control is not None)
         if key not in self._compiled:
             self._compiled[key] = self._generate_fn(*key[:5], run.num_inference_steps, run.edit)
-        params, lora_arg = self.unet_params, self._lora
-        (params, vae_params, lora_arg), cond, latents = self._place(
-            (params, self.components.vae_params, lora_arg), (text, uncond, added, uncond_added, edit_inputs),
-            latents)
+        control_image = None if run.control is None else jnp.asarray(edits.batched(run.control[0], b, "image"))
+        params, lora_arg = self.unet_call_params()
+        control = None if run.control is None else (self.components.controlnet_params, jnp.float32(run.control[1]))
+        (params, vae_params, lora_arg, control), cond, latents = self._place(
+            (params, self.components.vae_params, lora_arg, control),
+            (text, uncond, added, uncond_added, edit_inputs, control_image), latents)
         args = (params, vae_params, lora_arg, cond, latents, jnp.float32(run.guidance_scale), rng_steps,
-                None if run.noises is None else jnp.asarray(run.noises, jnp.float32))
+                None if run.noises is None else jnp.asarray(run.noises, jnp.float32), control)
         images = self._compiled[key](*args)
         return np.asarray(jax.device_get(images), np.float32)
 

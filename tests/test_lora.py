@@ -335,3 +335,70 @@ def test_other_key_layouts_load_like_diffusers_peft(base, tmp_path, a_key, b_key
                        params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several adapters at once in the pipeline (LCM-LoRA + a style LoRA), as diffusers' set_adapters
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    """A teacher pipeline folder and two LoRAs for its UNet: 'lcm' (PEFT, saved by diffusers)
+    and 'style' (alpha = 2r; PEFT for diffusers, the same factors as a kohya file for lcm-jax)."""
+    from tiny_pipeline import build_pipeline
+
+    root = tmp_path_factory.mktemp("stacked")
+    tpipe = build_pipeline(str(root / "pipe"), time_cond_proj_dim=None, seed=6)
+    files = {}
+    for name, alpha, seed in (("lcm", RANK, 7), ("style", 2 * RANK, 8)):
+        model = _torch_with_peft_lora(str(root / "pipe" / "unet"), alpha=alpha, seed=seed)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(root / name), unet_lora_layers=get_peft_model_state_dict(model),
+            unet_lora_adapter_metadata=model.peft_config["default"].to_dict())
+        files[name] = str(root / name / "pytorch_lora_weights.safetensors")
+    return tpipe, str(root / "pipe"), files
+
+
+def _kohya_copy(peft_file: str, unet_params, out: str) -> str:
+    from lcm_jax.convert.lora import save_lora_kohya
+
+    factors, scale = load_lora(peft_file, unet_params)
+    save_lora_kohya(factors, scale, out)
+    return out
+
+
+def test_two_adapters_fused_and_unfused_match_diffusers(stacked, tmp_path):
+    """LCM sampling (guidance 1, no CFG) of a teacher with 'lcm' at 1.0 and 'style' at 0.5."""
+    from diffusers import StableDiffusionPipeline
+
+    from lcm_jax.pipeline import LCMPipeline
+
+    tpipe, folder, files = stacked
+    sd = StableDiffusionPipeline.from_pipe(tpipe)
+    for name, path in files.items():
+        sd.load_lora_weights(path, adapter_name=name)
+    sd.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.5])
+    g = torch.Generator().manual_seed(9)
+    latents, *noises = [torch.randn((1, 4, 8, 8), generator=g).numpy().transpose(0, 2, 3, 1) for _ in range(4)]
+    args = dict(num_inference_steps=3, guidance_scale=1.0, height=64, width=64)
+    run_ref = lambda: sd(["a red circle"], generator=torch.Generator().manual_seed(9), output_type="np",
+                         **args).images
+    ref_unfused = run_ref()
+    sd.fuse_lora(adapter_names=["lcm", "style"])
+    ref_fused = run_ref()
+
+    pipe = LCMPipeline.from_pretrained(folder)
+    base = pipe(["a red circle"], latents=latents, noises=np.stack(noises), **args)
+    pipe.load_lora_weights(files["lcm"], fuse=False, adapter_name="lcm")
+    pipe.load_lora_weights(_kohya_copy(files["style"], pipe.unet_params, str(tmp_path / "style_kohya.safetensors")),
+                           fuse=False, adapter_name="style")
+    pipe.set_adapters(["lcm", "style"], adapter_weights=[1.0, 0.5])
+    unfused = pipe(["a red circle"], latents=latents, noises=np.stack(noises), **args)
+    pipe.fuse_lora()
+    fused = pipe(["a red circle"], latents=latents, noises=np.stack(noises), **args)
+    for ours, ref in ((unfused, ref_unfused), (fused, ref_fused)):
+        assert np.abs(ours - ref).max() <= 1e-3, np.abs(ours - ref).max()
+    assert np.abs(base - unfused).max() > 1e-2  # the adapters change the image
+    with pytest.raises(ValueError, match=r"adapters \['sketch'\] are not loaded"):
+        pipe.set_adapters(["sketch"])

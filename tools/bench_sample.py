@@ -2,6 +2,7 @@
 
     python tools/bench_sample.py --size 512 --repeats 3     # SD 1.5-sized, random weights
     python tools/bench_sample.py --size 256 --repeats 1     # a quick check that it runs
+    python tools/bench_sample.py --tiny --size 64            # tiny random models (seconds)
 
 Both pipelines get the same random-weight SD 1.5-sized folder (UNet 320/640/1280/1280 with
 time_cond_proj_dim 256, CLIP ViT-L/14 text encoder, SD VAE), built with diffusers and saved to a
@@ -10,6 +11,10 @@ text encoder + `--steps` UNet calls + VAE decode. Printed side by side: median l
 lcm-jax first call in a fresh compilation cache (cold: trace + XLA compile + run), and the first
 call in a second process that reuses that persistent cache (warm
 start; its overhead is that first call minus the same process's second), and max |image diff|.
+Two more rows compare edits at the same draws: img2img (strength 0.5, as
+LatentConsistencyModelImg2ImgPipeline) and ControlNet (a random ControlNetModel made from the
+UNet's config, as StableDiffusionControlNetPipeline), median latency and max |image diff| each.
+`--tiny` swaps in small random models of the same layout.
 """
 from __future__ import annotations
 
@@ -40,6 +45,12 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
               projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# --tiny: the same architectures at toy widths
+TINY_UNET = dict(UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32, norm_num_groups=8,
+                 layers_per_block=1, time_cond_proj_dim=32)
+TINY_VAE = dict(VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+TINY_CLIP = dict(CLIP_L, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, projection_dim=32)
 
 
 # =============================================================================================
@@ -59,8 +70,9 @@ def write_tokenizer(folder: str) -> None:
         json.dump({**cfg, "model_max_length": 77}, f)
 
 
-def build_folder(folder: str, seed: int = 0):
-    """Random-weight SD 1.5-sized LCM pipeline saved to `folder`; returns the diffusers pipeline."""
+def build_folder(folder: str, seed: int = 0, tiny: bool = False):
+    """Random-weight SD 1.5-sized (or --tiny) LCM pipeline saved to `folder`; returns the
+    diffusers pipeline."""
     import torch
     from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler,
                            UNet2DConditionModel)
@@ -68,10 +80,11 @@ def build_folder(folder: str, seed: int = 0):
 
     torch.manual_seed(seed)
     write_tokenizer(os.path.join(folder, "tokenizer"))
+    unet, vae, clip = (TINY_UNET, TINY_VAE, TINY_CLIP) if tiny else (UNET, VAE, CLIP_L)
     pipe = LatentConsistencyModelPipeline(
-        vae=AutoencoderKL(**VAE).eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval(),
+        vae=AutoencoderKL(**vae).eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**clip)).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
-        unet=UNet2DConditionModel(**UNET).eval(),
+        unet=UNet2DConditionModel(**unet).eval(),
         scheduler=LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                set_alpha_to_one=True, timestep_spacing="leading", steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -170,7 +183,70 @@ def child_main(args) -> None:
     sample_jax(r["pipe"], args, data["latents"], data["noises"])
     r["second_s"] = time.perf_counter() - t0
     print(json.dumps({k: r[k] for k in ("load_s", "first_s", "second_s", "compile_s", "cache_hits",
-                                        "trace_s", "cache_load_s", "exe_loaded", "exe_load_s")}))
+                                        "trace_s", "cache_load_s")}))
+
+
+# =============================================================================================
+# Edits: img2img and ControlNet, the same draws on both sides
+# =============================================================================================
+
+
+def _timed(fn, repeats: int) -> tuple[float, np.ndarray]:
+    """(median seconds of `repeats` calls after an untimed warm-up (compile), the last output)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), np.asarray(out, np.float32)
+
+
+def edit_rows(tpipe, folder: str, args) -> list[tuple]:
+    """(name, diffusers s, lcm-jax s, max |image diff|) for img2img and ControlNet."""
+    import torch
+    from diffusers import (ControlNetModel, LatentConsistencyModelImg2ImgPipeline,
+                           StableDiffusionControlNetPipeline)
+
+    from lcm_jax.pipeline import LCMPipeline
+
+    rng = np.random.default_rng(args.seed)
+    image = rng.uniform(size=(1, args.size, args.size, 3)).astype(np.float32)
+    torch.manual_seed(args.seed)
+    cn = ControlNetModel.from_unet(tpipe.unet, load_weights_from_unet=False).eval()
+    cn_dir = os.path.join(folder, "controlnet")
+    cn.save_pretrained(cn_dir, safe_serialization=True)
+    plain, pipe = LCMPipeline.from_pretrained(folder), LCMPipeline.from_pretrained(folder, controlnet=cn_dir)
+    shape = (1, 4, args.size // 8, args.size // 8)
+    steps = args.steps
+
+    def draws(count):
+        g = torch.Generator().manual_seed(args.seed)
+        return [torch.randn(shape, generator=g).numpy().transpose(0, 2, 3, 1) for _ in range(count)]
+
+    common = dict(num_inference_steps=steps, guidance_scale=8.5, output_type="np")
+    i2i = LatentConsistencyModelImg2ImgPipeline.from_pipe(tpipe)
+    cnp = StableDiffusionControlNetPipeline.from_pipe(tpipe, controlnet=cn)
+    for p in (i2i, cnp):
+        p.set_progress_bar_config(disable=True)
+    rows = []
+    posterior, noise, *noises = draws(2 + steps)
+    with torch.no_grad():
+        t_ref, ref = _timed(lambda: i2i(PROMPT, image=image, strength=0.5, **common,
+                                        generator=torch.Generator().manual_seed(args.seed)).images, args.repeats)
+    t_jax, ours = _timed(lambda: plain.img2img(PROMPT, image, strength=0.5, num_inference_steps=steps,
+                                               guidance_scale=8.5, noise=noise, posterior_noise=posterior,
+                                               noises=np.stack(noises)), args.repeats)
+    rows.append((f"img2img, strength 0.5 (median of {args.repeats})", t_ref, t_jax, float(np.abs(ours - ref).max())))
+    latents, *noises = draws(1 + steps)
+    with torch.no_grad():
+        t_ref, ref = _timed(lambda: cnp(PROMPT, image=image, height=args.size, width=args.size, **common,
+                                        generator=torch.Generator().manual_seed(args.seed)).images, args.repeats)
+    t_jax, ours = _timed(lambda: pipe(PROMPT, num_inference_steps=steps, guidance_scale=8.5, height=args.size,
+                                      width=args.size, latents=latents, noises=np.stack(noises), image=image),
+                         args.repeats)
+    rows.append((f"ControlNet (median of {args.repeats})", t_ref, t_jax, float(np.abs(ours - ref).max())))
+    return rows
 
 
 # =============================================================================================
@@ -178,7 +254,7 @@ def child_main(args) -> None:
 # =============================================================================================
 
 
-def print_table(args, torch_times, jax_r, child, max_diff) -> None:
+def print_table(args, torch_times, jax_r, child, max_diff, edits=()) -> None:
     import jax
     import torch
 
@@ -197,8 +273,9 @@ def print_table(args, torch_times, jax_r, child, max_diff) -> None:
         ("  of which cache read", "-", f"{child['cache_load_s']:.1f}s", ""),
         ("warm start: second call", "-", f"{child['second_s']:.1f}s", ""),
         ("warm start overhead (1st - 2nd)", "-", f"{child['first_s'] - child['second_s']:.1f}s", ""),
-    ]
-    print(f"\n{args.steps}-step LCM sampling, SD 1.5 size, {args.size}x{args.size}, batch 1, fp32, "
+    ] + [(name, f"{t_ref:.2f}s", f"{t_ours:.2f}s", f"{t_ref / t_ours:.2f}x (diff {diff:.1e})")
+         for name, t_ref, t_ours, diff in edits]
+    print(f"\n{args.steps}-step LCM sampling, {'tiny' if args.tiny else 'SD 1.5'} size, {args.size}x{args.size}, batch 1, fp32, "
           f"random weights; torch on {tdev}, jax on {jax.devices()[0].platform} "
           f"({jax.devices()[0].device_kind})")
     widths = (36, 20, 20, 16)
@@ -214,6 +291,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed samples after the first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="toy-width random models of the same layout")
     p.add_argument("--keep", default="", help="build the folder here and keep it (else a temp dir)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--cache", default="", help=argparse.SUPPRESS)
@@ -229,13 +307,15 @@ def main(argv=None) -> None:
     folder = args.keep or os.path.join(work, "lcm_sd15_random")
     cache, inputs = os.path.join(work, "xla_cache"), os.path.join(work, "inputs.npz")
     try:
-        print(f"building the SD 1.5-sized random pipeline in {folder} ...", flush=True)
-        tpipe = build_folder(folder, args.seed)
+        print(f"building the {'tiny' if args.tiny else 'SD 1.5-sized'} random pipeline in {folder} ...", flush=True)
+        tpipe = build_folder(folder, args.seed, args.tiny)
         latents = np.random.default_rng(args.seed).standard_normal(
             (1, args.size // 8, args.size // 8, 4)).astype(np.float32)
         print("diffusers (first call untimed: warm-up) ...", flush=True)
         run_diffusers(tpipe, argparse.Namespace(**{**vars(args), "repeats": 1}), latents)
         torch_times, torch_images, noises = run_diffusers(tpipe, args, latents)
+        print("img2img and ControlNet, diffusers and lcm-jax ...", flush=True)
+        edits = edit_rows(tpipe, folder, args)
         del tpipe
         gc.collect()
         np.savez(inputs, latents=latents, noises=noises)
@@ -244,7 +324,7 @@ def main(argv=None) -> None:
         gc.collect()  # the weights of both pipelines are freed before the new process loads
         print("lcm-jax: warm start in a new process (same persistent cache) ...", flush=True)
         child = run_child(folder, cache, args, inputs)
-        print_table(args, torch_times, jax_r, child, max_diff)
+        print_table(args, torch_times, jax_r, child, max_diff, edits)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

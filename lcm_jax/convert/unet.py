@@ -30,15 +30,22 @@ def unet_shapes(module: UNet2DConditionModel) -> common.Params:
 @functools.lru_cache(maxsize=16)
 def _shapes(cfg: UNetConfig, dtype: str) -> common.Params:
     module = UNet2DConditionModel(cfg, dtype=jnp.dtype(dtype))
-    sample = jnp.zeros((1, 8, 8, cfg.in_channels), module.dtype)
-    context = jnp.zeros((1, 1, cfg.cross_attention_dim[0]), module.dtype)
+    sample, t, context, added = dummy_inputs(cfg, module.dtype)
     cond = None if cfg.time_cond_proj_dim is None else jnp.zeros((1, cfg.time_cond_proj_dim))
+    return common.eval_shapes(module, sample, t, context, cond, added)
+
+
+def dummy_inputs(cfg: UNetConfig, dtype: Any) -> tuple:
+    """(sample, timesteps, context, added_cond_kwargs or None): the smallest inputs that trace a
+    model of this config (8x8 latents, one context token)."""
+    sample = jnp.zeros((1, 8, 8, cfg.in_channels), dtype)
+    context = jnp.zeros((1, 1, cfg.cross_attention_dim[0]), dtype)
     added = None
     if cfg.addition_embed_type == "text_time":
         raw = cfg.to_diffusers()
         text_dim = raw["projection_class_embeddings_input_dim"] - 6 * cfg.addition_time_embed_dim
         added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
-    return common.eval_shapes(module, sample, jnp.zeros((1,)), context, cond, added)
+    return sample, jnp.zeros((1,)), context, added
 
 
 def load_unet(path: str, dtype: Any = jnp.float32, variant: Optional[str] = None,

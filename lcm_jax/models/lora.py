@@ -82,3 +82,11 @@ def merge(params: Params, lora: Params, scale: float) -> Params:
         w = flat[key]
         flat[key] = (w + scale * lora_delta(down, up).astype(w.dtype)).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def merge_adapters(params: Params, adapters: Sequence[tuple[Params, Any]]) -> Params:
+    """Base params with several LoRAs added at their own weights: W + sum_i w_i down_i @ up_i
+    (diffusers' set_adapters(names, adapter_weights))."""
+    for lora, weight in adapters:
+        params = merge(params, lora, weight)
+    return params

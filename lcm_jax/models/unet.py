@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -369,6 +369,13 @@ def _transformer(cfg: UNetConfig, block: int, num_layers: int, dtype: Dtype, nam
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_residuals(skips: list, residuals: Sequence[jax.Array]) -> list:
+    if len(residuals) != len(skips):
+        raise ValueError(f"down_block_additional_residuals has {len(residuals)} arrays; this UNet has "
+                         f"{len(skips)} skip connections (is the ControlNet made for another UNet?)")
+    return [s + r.astype(s.dtype) for s, r in zip(skips, residuals)]
+
+
 class UNet2DConditionModel(nn.Module):
     """diffusers' UNet2DConditionModel on NHWC latents; returns the prediction (eps/v), NHWC.
 
@@ -390,7 +397,11 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  timestep_cond: Optional[jax.Array] = None,
-                 added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None) -> jax.Array:
+                 added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
+                 down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
+                 mid_block_additional_residual: Optional[jax.Array] = None) -> jax.Array:
+        """The residuals (a ControlNet's) are added to the skip connections and to the mid
+        block's output, as diffusers."""
         cfg = self.config
         emb = self._embed_time(sample.shape[0], timesteps, timestep_cond, added_cond_kwargs)
         context = jnp.asarray(encoder_hidden_states, self.dtype)
@@ -400,9 +411,13 @@ class UNet2DConditionModel(nn.Module):
         h = layers.conv(cfg.block_out_channels[0], cfg.conv_in_kernel, dtype=self.dtype,
                         name="conv_in")(h)
         h, skips = self._down(h, emb, context)
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals)
         if cfg.mid_block_type is not None:
             h = self._block(MidBlock)(cfg, dtype=self.dtype, attention=self.attention,
                                       name="mid_block")(h, emb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(h.dtype)
         h = self._up(h, skips, emb, context)
         h = nn.silu(layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype,
                                       name="conv_norm_out")(h))
