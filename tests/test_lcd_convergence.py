@@ -189,8 +189,8 @@ def _np_fixed_point(method, n_grid, phases, a, p0, q0):
     squares fit, over z_t ~ N(sqrt(abar_t) MU, abar_t S^2 + 1 - abar_t) and the loss's s-draw
     (TCD: s = g[m], m uniform in 0..n; PCM: the phase's lower edge), of f(z_t, t, s) to
     f(teacher's DDIM step of z_t, t_n, s)."""
-    from lcm_jax.losses.consistency import extended_grid, pcm_edges
-    g, edges = extended_grid(1000, n_grid), pcm_edges(n_grid, phases)
+    from lcm_jax.losses.consistency import extended_grid
+    g, edges = extended_grid(1000, n_grid), schedules.pcm_edges(n_grid, phases)
     p, q = p0.copy(), q0.copy()
     for n in range(n_grid):
         t, te = g[n + 1], g[n]

@@ -284,12 +284,12 @@ def test_pcm_edges_and_sampler_timesteps():
     upper edges 999, 739, 499, 239 (t = 20 i - 1 at index i), and the TCD sampler at gamma = 0
     steps to the next edge (tcd_s_timesteps equals the next timestep, then 0)."""
     from lcm_jax.sampling import tcd_s_timesteps
-    np.testing.assert_array_equal(consistency.pcm_edges(50, 4), [0, 12, 25, 37, 50])
-    ts = consistency.pcm_timesteps(1000, 50, 4)
+    np.testing.assert_array_equal(schedules.pcm_edges(50, 4), [0, 12, 25, 37, 50])
+    ts = schedules.pcm_timesteps(1000, 50, 4)
     np.testing.assert_array_equal(ts, [999, 739, 499, 239])
     np.testing.assert_array_equal(tcd_s_timesteps(ts, 0.0), [739, 499, 239, 0])
     with pytest.raises(ValueError, match=r"pcm_phases=51: must be in \[1, num_ddim_timesteps=50\]"):
-        consistency.pcm_edges(50, 51)
+        schedules.pcm_edges(50, 51)
 
 
 def test_lcm_lora_student_without_w_embedding():

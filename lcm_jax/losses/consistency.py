@@ -79,6 +79,9 @@ class ConsistencyTerms:
 
 def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
     """t_n for n = 1..N: round(n k) - 1 with k = T / N  (diffusers' DDIMSolver grid)."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(f"num_ddim_timesteps={num_ddim_timesteps}: the skipping step k = T / N needs "
+                         f"1 <= N <= T = {num_train_timesteps} (the teacher's num_train_timesteps)")
     k = num_train_timesteps // num_ddim_timesteps
     return (np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int32) - 1
 
@@ -87,20 +90,6 @@ def extended_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarr
     """G = [0, t_1, ..., t_N]: G[n + 1] is the start t_{n+k} of grid index n and G[n] its end t_n
     (max(t_{n+k} - k, 0))."""
     return np.concatenate([[0], ddim_grid(num_train_timesteps, num_ddim_timesteps)]).astype(np.int32)
-
-
-def pcm_edges(num_ddim_timesteps: int, phases: int) -> np.ndarray:
-    """Indices into the extended grid G of PCM's phase edges: floor(i N / M) for i = 0..M."""
-    if not 1 <= phases <= num_ddim_timesteps:
-        raise ValueError(f"pcm_phases={phases}: must be in [1, num_ddim_timesteps={num_ddim_timesteps}]")
-    return (np.arange(phases + 1) * num_ddim_timesteps) // phases
-
-
-def pcm_timesteps(num_train_timesteps: int, num_ddim_timesteps: int, phases: int) -> np.ndarray:
-    """PCM's deterministic sampler timesteps, descending: the phases' upper edges G[e_M] = t_N ..
-    G[e_1]. The TCD sampler at gamma = 0 on them steps exactly from edge to edge (down to 0)."""
-    g = extended_grid(num_train_timesteps, num_ddim_timesteps)
-    return g[pcm_edges(num_ddim_timesteps, phases)[1:]][::-1].astype(np.int64)
 
 
 def sampling_probs(num_train_timesteps: int, cfg: ConsistencyConfig) -> np.ndarray:
@@ -115,7 +104,7 @@ def sampling_probs(num_train_timesteps: int, cfg: ConsistencyConfig) -> np.ndarr
         raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {cfg.timestep_sampling!r}")
     grid = ddim_grid(num_train_timesteps, n)
     if cfg.method == "pcm":
-        visited = [pcm_timesteps(num_train_timesteps, n, cfg.pcm_phases)]
+        visited = [schedules.pcm_timesteps(num_train_timesteps, n, cfg.pcm_phases)]
     else:
         visited = [schedules.lcm_timesteps(m, n, num_train_timesteps) for m in SAMPLER_STEPS if m <= n]
     weight = 1.0 + sum(np.isin(grid, v).astype(np.float64) for v in visited)
@@ -130,7 +119,7 @@ def end_index(n: jax.Array, u: jax.Array, cfg: ConsistencyConfig) -> jax.Array:
     if cfg.method == "tcd":
         return jnp.minimum(jnp.floor(u * (n + 1)).astype(n.dtype), n)
     if cfg.method == "pcm":
-        edges = pcm_edges(cfg.num_ddim_timesteps, cfg.pcm_phases)
+        edges = schedules.pcm_edges(cfg.num_ddim_timesteps, cfg.pcm_phases)
         lower = edges[np.searchsorted(edges, np.arange(cfg.num_ddim_timesteps), side="right") - 1]
         return jnp.asarray(lower, n.dtype)[n]
     raise ValueError(f"consistency method must be one of {METHODS}, got {cfg.method!r}")
