@@ -155,7 +155,6 @@ def test_weights_field_picks_the_slow_ema():
     ("loss.student_prediction", "x1", "loss.student_prediction='x1': choose one of"),
     ("loss.timestep_sampling", "snr", "loss.timestep_sampling='snr': choose one of"),
     ("eval_ema_decay", 1.0, "eval_ema_decay=1.0: must be a number in [0, 1)"),
-    ("loss.lora_target_ema", "yes", "loss.lora_target_ema='yes': must be true or false"),
     ("loss.pcm_phases", 51, "loss.pcm_phases=51: at most loss.num_ddim_timesteps=50 phases"),
     ("eval_endpoint_timesteps", (999,), "the one-step endpoint error does not apply to method 'pcm'"),
 ])

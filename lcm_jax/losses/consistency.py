@@ -13,9 +13,13 @@ function: f_theta(z, w, c, t, s) maps z_t to z_s for an s <= t_n, in the semi-li
 first-order exponential-integrator) form
   f_theta(z_t, t, s) = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat   ((x0_hat, eps_hat) from F_theta),
 which is the identity at s = t, so no c_skip/c_out are needed. TCD draws s on the grid below t_n
-(s = G[floor(u (n + 1))], u ~ U[0, 1): the paper's s = (1 - gamma) t on the grid); PCM fixes s to
+(s = G[floor(u (n + 1))], u ~ U[0, 1): an intermediate s = (1 - gamma) t_n, gamma ~ U[0, 1],
+put on the grid; the authors released no training code, so this draw is the project's); PCM fixes s to
 the lower edge of t's phase (the grid cut into `pcm_phases` phases). The loss is then
 d(f_theta(z_{t_{n+k}}, t_{n+k}, s), f_theta-(z^Psi_{t_n}, t_n, s)).
+Either function reads the student's raw output F_theta as epsilon, x0 or v (`student_prediction`;
+the teacher's own type by default): for an x0 student the one-step error is its output's error
+times c_out, not an epsilon error times sqrt(1 - abar) / sqrt(abar) (14.6 at SD's t = 999).
 The time grid indexing and the w-convention follow diffusers' train_lcm_distill_sd_wds.py, so that
 checkpoints are interchangeable: the CFG form is eps_c + w (eps_c - eps_u) and the student embeds
 this w (= guidance_scale - 1 at sampling time).
@@ -168,7 +172,8 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
     log_p = jnp.asarray(np.log(sampling_probs(T, cfg)), jnp.float32)
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
     pred_type, student_pred = schedule.prediction_type, cfg.student_prediction or schedule.prediction_type
-    end_index(jnp.zeros((1,), jnp.int32), jnp.zeros((1,)), cfg)  # a bad method fails here, not in jit
+    if cfg.method not in METHODS:
+        raise ValueError(f"consistency method must be one of {METHODS}, got {cfg.method!r}")
 
     def f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added):
         return _f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added, abar, student_pred, cfg)

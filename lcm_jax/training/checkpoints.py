@@ -37,12 +37,19 @@ def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = N
     step = mngr.latest_step() if step is None else step
     if step is None:
         return None
-    if abstract_state.eval_params is None and "eval_params" not in mngr.item_metadata(step).keys():
+    if abstract_state.eval_params is None and "eval_params" not in _saved_fields(mngr, step):
         # saved before TrainState.eval_params existed: the same state, without a slow EMA
         fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(TrainState)
                   if f.name != "eval_params"}
         return TrainState(**mngr.restore(step, args=ocp.args.StandardRestore(fields)))
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _saved_fields(mngr, step: int) -> set[str]:
+    """The top-level names of the TrainState saved at `step`, from its tree metadata (a manager that
+    has not saved this run has no handler to ask, so the step folder's 'default' item is read)."""
+    path = ocp.path.step.find_step_path(mngr.directory, ocp.path.step.standard_name_format(), step=step)
+    return set(ocp.StandardCheckpointer().metadata(path / "default").item_metadata.keys())
 
 
 # Fields a resumed run may change: none of them changes the saved state's structure, shapes or
