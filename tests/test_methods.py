@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from gcs_emulator import gcs_bucket, gcs_server  # noqa: F401  (fixtures)
 
 from configs.tiny_lcd import get_config
 from lcm_jax import sharding, train
@@ -111,24 +112,27 @@ def test_lcm_lora_with_target_ema():
     assert checkpoints.abstract_state(plain)[1].target_params is None
 
 
-def test_old_checkpoint_without_eval_params_resumes_and_refuses_a_slow_ema(tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_old_checkpoint_without_eval_params_resumes_and_refuses_a_slow_ema(where, tmp_path, request):
     """A workdir saved before TrainState.eval_params (config.json without eval_ema_decay, a
-    checkpoint without the field) restores with eval_params None; turning the slow EMA on for it
-    is refused by check_resume, naming the field."""
+    checkpoint without the field), local or in a bucket, restores with eval_params None; turning
+    the slow EMA on for it is refused by check_resume, naming the field."""
+    import orbax.checkpoint as ocp
+
+    from lcm_jax import fs
+
     config = get_config()
     _, abstract = checkpoints.abstract_state(config)
     state = jax.tree.map(lambda x: np.full(x.shape, 0.25, x.dtype), abstract)
     old = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState) if f.name != "eval_params"}
-    workdir = str(tmp_path / "old")
+    workdir = str(tmp_path / "old") if where == "local" else request.getfixturevalue("gcs_bucket") + "/old"
     mngr = checkpoints.checkpoint_manager(workdir, config)
-    import orbax.checkpoint as ocp
     mngr.save(5, args=ocp.args.StandardSave(old))
     mngr.wait_until_finished()
     mngr.close()
     saved = json.loads(config.to_json_best_effort())
     del saved["eval_ema_decay"]
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(saved, f)
+    fs.write_text_atomic(fs.join(workdir, "config.json"), json.dumps(saved))
     step, changed = checkpoints.check_resume(workdir, config)
     assert step == 5 and "eval_ema_decay" in changed
     restored = checkpoints.restore(workdir).state
