@@ -30,7 +30,7 @@ GRID_SEED = 0
 TCD_GAMMA = 0.3  # the TCD sampler's default (diffusers' TCDScheduler eta)
 
 
-def grid_samplers(config, num_train_timesteps: int) -> dict[int, tuple[str, "np.ndarray", float]]:
+def grid_samplers(config, num_train_timesteps: int) -> dict[int, tuple[str, np.ndarray, float]]:
     """{steps: (sampler, timesteps, gamma)} of the rows of a run's sample grid: LCM at GRID_STEPS
     on the distilled grid; TCD for method 'tcd'; for 'pcm' one row, the TCD sampler at gamma = 0
     on the phase edges (an edge-to-edge DDIM step each, PCM's deterministic sampling)."""
