@@ -2,7 +2,8 @@
 
     python -m lcm_jax.train --config=configs/tiny_lcd.py --workdir=runs/tiny_lcd
 
-Used by the tests and CI. `--config=configs/tiny_lcd.py:lora` runs LCM-LoRA on the same teacher.
+Used by the tests and CI. `--config=configs/tiny_lcd.py:lora` runs LCM-LoRA on the same teacher;
+`:tcd` and `:pcm` trajectory and phased consistency distillation.
 """
 from lcm_jax.defaults import base_config, tiny_unet
 
@@ -10,7 +11,7 @@ from lcm_jax.defaults import base_config, tiny_unet
 def get_config(arg=None):
     c = base_config()
     c.method = {None: "lcd", "": "lcd", "lcd": "lcd", "lora": "lcm_lora", "lcf": "lcf",
-                "diffusion": "diffusion"}[arg]
+                "diffusion": "diffusion", "tcd": "tcd", "pcm": "pcm"}[arg]
     c.total_steps = 50
     c.batch_size = 8
     c.log_every = 5

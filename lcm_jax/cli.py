@@ -2,7 +2,7 @@
 
     lcm-jax sample  --model DIR --prompt "a red circle" --steps 4 --seed 0 --out samples/
     lcm-jax convert --model DIR_OR_FILE --out DIR     # load with lcm-jax, write a diffusers folder
-    lcm-jax export  --workdir runs/x --out DIR [--weights sampling|ema|online] [--lora-format peft|kohya]
+    lcm-jax export  --workdir runs/x --out DIR [--weights sampling|ema|eval_ema|online] [--lora-format peft|kohya]
     lcm-jax cache   --config CONFIG --out DIR         # encode a dataset once: an on-disk latent cache
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
 
@@ -225,6 +225,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from lcm_jax import fs
     from lcm_jax.convert.export import export_lora, export_pipeline
     from lcm_jax.training.checkpoints import load_run_config, restore_weights
+    from lcm_jax.training.models import student_prediction
 
     if not fs.exists(args.workdir):
         raise CliError(f"--workdir {args.workdir}: no such folder")
@@ -251,7 +252,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     grid = None if config.method == "diffusion" else (config.loss.num_ddim_timesteps,
                                                       config.loss.timestep_scaling)
     teacher = fs.local_copy(config.model.teacher) if config.model.teacher else None
-    what = export_pipeline(run.params, run.unet.config, local_out, teacher, grid)
+    what = export_pipeline(run.params, run.unet.config, local_out, teacher, grid,
+                           prediction_type=student_prediction(config) or None)
     if remote:
         fs.publish_dir(local_out, args.out)
     done(t0)
@@ -426,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="a training workdir's latest checkpoint -> diffusers / LoRA", **fmt)
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True, help="folder (or a .safetensors path for LoRA runs)")
-    e.add_argument("--weights", choices=("sampling", "ema", "online"), default="sampling",
-                   help="sampling: the EMA when the run keeps one, else the trained weights")
+    e.add_argument("--weights", choices=("sampling", "ema", "eval_ema", "online"), default="sampling",
+                   help="sampling: the slow eval EMA, else the target EMA, when the run keeps one, else "
+                        "the trained weights")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     e.add_argument("--lora-format", choices=sorted(LORA_WRITERS), default="peft",
                    help="LoRA runs: PEFT/diffusers keys or kohya/A1111 keys")

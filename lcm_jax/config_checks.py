@@ -52,7 +52,7 @@ FIELDS: dict[str, Check] = {
     "seed": integer(0), "total_steps": integer(1), "batch_size": integer(1),
     "log_every": integer(1), "checkpoint_every": integer(1), "keep_checkpoints": integer(1),
     "eval_every": integer(0), "sample_every": integer(0), "eval_endpoint_batch": integer(1),
-    "diffusion_ema_decay": DECAY,
+    "diffusion_ema_decay": DECAY, "eval_ema_decay": DECAY,
     "model.time_cond_proj_dim": integer(0), "model.w_embedding_init": one_of("zeros", "uniform"),
     "model.prediction_type": one_of("epsilon", "v_prediction"),
     "model.compute_dtype": one_of(*DTYPES), "model.param_dtype": one_of(*DTYPES),
@@ -60,6 +60,9 @@ FIELDS: dict[str, Check] = {
     "loss.num_ddim_timesteps": integer(1), "loss.w_min": NON_NEGATIVE, "loss.w_max": NON_NEGATIVE,
     "loss.loss_type": one_of("l2", "huber"), "loss.huber_c": POSITIVE, "loss.sigma_data": POSITIVE,
     "loss.timestep_scaling": POSITIVE, "loss.timestep_weighting": one_of("uniform", "snr"),
+    "loss.timestep_sampling": one_of("uniform", "sampler"),
+    "loss.student_prediction": one_of("teacher", "epsilon", "x0", "v"), "loss.pcm_phases": integer(1),
+    "loss.lora_target_ema": lambda v: None if isinstance(v, bool) else "must be true or false",
     "loss.ema_decay": DECAY, "loss.solver": one_of("ddim"), "loss.lcf_w": NON_NEGATIVE,
     "lora.rank": integer(1), "lora.alpha": POSITIVE,
     "optim.learning_rate": POSITIVE, "optim.schedule": one_of("constant", "cosine"),
@@ -121,6 +124,12 @@ def division_problems(config, num_processes: int, num_devices: int) -> list[str]
                        "devices (data x fsdp, data=-1 for the rest)")
     if _is_number(config.loss.w_min) and _is_number(config.loss.w_max) and config.loss.w_min > config.loss.w_max:
         out.append(f"loss.w_min={config.loss.w_min!r}, loss.w_max={config.loss.w_max!r}: w_min must be <= w_max")
+    n, phases = config.loss.num_ddim_timesteps, config.loss.get("pcm_phases", 1)
+    if config.method == "pcm" and isinstance(phases, int) and isinstance(n, int) and phases > n:
+        out.append(f"loss.pcm_phases={phases}: at most loss.num_ddim_timesteps={n} phases")
+    if config.method == "pcm" and config.eval_endpoint_timesteps:
+        out.append(f"eval_endpoint_timesteps={tuple(config.eval_endpoint_timesteps)}: the one-step "
+                   "endpoint error does not apply to method 'pcm' (it steps one phase at a time); set ()")
     if config.sample_every and not list(config.sample_prompts):
         out.append(f"sample_prompts=[]: sample_every={config.sample_every} needs at least one prompt")
     return out

@@ -10,7 +10,14 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "lcd"            # 'lcd' | 'lcm_lora' | 'lcf' | 'diffusion'
+    c.method = "lcd"            # 'lcd' | 'lcm_lora' | 'lcf' | 'tcd' | 'pcm' | 'diffusion'
+                                # tcd: trajectory consistency distillation (Zheng et al. 2024), the
+                                #   student maps x_t to x_s, s <= t_n drawn on the grid; sample it
+                                #   with the TCD sampler (gamma). pcm: phased consistency (Wang et
+                                #   al. 2024), loss.pcm_phases phases, x_t to its phase's lower
+                                #   edge; sample it deterministically edge to edge: the TCD sampler
+                                #   at gamma 0 on losses.consistency.pcm_timesteps. Both are full
+                                #   w-conditioned students like lcd (losses/consistency.py)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 8            # global batch (all processes, all micro-batches)
@@ -23,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_endpoint_timesteps = ()  # LCD/LCM-LoRA, at eval steps: one-step MSE to the teacher's
                                     # ODE chain endpoint from these grid timesteps (e.g. 999, 759)
     c.eval_endpoint_batch = 16      # examples of the eval batch it runs the teacher's chain on
+                                    # (not for 'pcm', whose student steps one phase at a time)
+    c.eval_ema_decay = 0.0      # >0 (e.g. 0.999-0.9999): a slow EMA of the trained weights, kept
+                                # apart from the target network's (TrainState.eval_params); it
+                                # samples, evaluates and exports (`lcm-jax export --weights
+                                # sampling|eval_ema`). 0: none, the target EMA samples
     c.compilation_cache_dir = ""  # persistent XLA cache; "" = $LCM_JAX_CACHE_DIR or ~/.cache/lcm_jax/xla
     c.sample_prompts = ["a photograph of an astronaut riding a horse"]
 
@@ -48,8 +60,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.huber_c = 0.001
     c.loss.sigma_data = 0.5
     c.loss.timestep_scaling = 10.0
-    c.loss.timestep_weighting = "uniform"  # 'uniform' (the paper) | 'snr' (losses/consistency.py)
-    c.loss.ema_decay = 0.95         # LCD/LCF target network theta-
+    c.loss.timestep_weighting = "uniform"  # loss weight lambda(t): 'uniform' (the paper) | 'snr'
+    c.loss.timestep_sampling = "uniform"   # how t_{n+k} is drawn on the skipping grid: 'uniform'
+                                    # (the paper) | 'sampler': P(n) proportional to 1 + how many of
+                                    # the LCM sampler's 1/2/4/8-step schedules (PCM: phase edges)
+                                    # visit t_{n+k} (consistency.sampling_probs)
+    c.loss.student_prediction = "teacher"  # what the student UNet outputs: 'teacher' (the teacher's
+                                    # own prediction_type, as the weights it starts from) |
+                                    # 'epsilon' | 'x0' | 'v'. The loss applies c_skip/c_out (LCD) or
+                                    # the semi-linear map (TCD/PCM) to the x0 it implies, so an x0/v
+                                    # student's 1-step error is not an epsilon error times
+                                    # 1/sqrt(abar). Samplers, the pipeline over a run and `lcm-jax
+                                    # export` (its scheduler config's prediction_type: 'epsilon',
+                                    # 'sample', 'v_prediction') read the output as this
+    c.loss.pcm_phases = 4           # PCM: M phases of the N-step grid (1 <= M <= N)
+    c.loss.ema_decay = 0.95         # LCD/LCF/TCD/PCM target network theta-
+    c.loss.lora_target_ema = False  # LCM-LoRA: keep an EMA (ema_decay) of the LoRA factors as the
+                                    # target theta-; False: diffusers' recipe (the student itself)
     c.diffusion_ema_decay = 0.0     # method='diffusion': EMA of the weights (exported); 0 = none
     c.loss.solver = "ddim"
     c.loss.lcf_w = 7.0              # LCF: the fixed w the student is conditioned on

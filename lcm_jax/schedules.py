@@ -307,6 +307,21 @@ def tcd_timesteps(num_inference_steps: Optional[int], original_inference_steps: 
     return _subsample(origin, num_inference_steps)
 
 
+def pcm_edges(num_ddim_timesteps: int, phases: int) -> np.ndarray:
+    """PCM's phase edges (Wang et al. 2024) as indices into the N-step skipping grid extended with
+    t = 0 at index 0 (index i >= 1 is t = i (T // N) - 1): floor(i N / M) for i = 0..M."""
+    if not 1 <= phases <= num_ddim_timesteps:
+        raise ValueError(f"pcm_phases={phases}: must be in [1, num_ddim_timesteps={num_ddim_timesteps}]")
+    return (np.arange(phases + 1) * num_ddim_timesteps) // phases
+
+
+def pcm_timesteps(num_train_timesteps: int, num_ddim_timesteps: int, phases: int) -> np.ndarray:
+    """PCM's deterministic sampler timesteps, descending: the phases' upper edges (t_N first). The
+    TCD sampler at gamma = 0 on them steps exactly from edge to edge, and from the last to 0."""
+    upper = pcm_edges(num_ddim_timesteps, phases)[1:][::-1]
+    return (upper * (num_train_timesteps // num_ddim_timesteps) - 1).astype(np.int64)
+
+
 def _check_spacing(timestep_spacing: str) -> None:
     if timestep_spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(

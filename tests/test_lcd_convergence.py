@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lcm_jax import schedules
 from lcm_jax.losses.consistency import (ConsistencyConfig, ddim_grid, ema_update, make_consistency_loss,
@@ -160,3 +161,189 @@ def test_teacher_chain_endpoint_is_the_chain():
     import pytest
     with pytest.raises(ValueError, match="skipping grid"):
         teacher_chain_endpoint(teacher_fn, None, batch, z, 500, 4.0, schedule, 50)
+
+
+# ---------------------------------------------------------------------------------------------
+# TCD and PCM: the semi-linear consistency function f(z_t, t, s) = sqrt(abar_s) x0 + sqrt(1-abar_s) eps
+# ---------------------------------------------------------------------------------------------
+
+
+def _semi_linear(p, q, a, t, s):
+    """(A, B) of f(z, t, s) = A z + B for the affine eps-predictor eps = p[t] z + q[t]."""
+    c = np.sqrt(1 - a[s]) - np.sqrt(a[s] * (1 - a[t]) / a[t])
+    return np.sqrt(a[s] / a[t]) + c * p[t], c * q[t]
+
+
+def _np_chain(p, q, a, g, t, s):
+    """(A, B) of the teacher's DDIM chain on the extended grid g from t down to s."""
+    A, B, j = 1.0, 0.0, int(np.searchsorted(g, t))
+    while g[j] > s:
+        al, be = _semi_linear(p, q, a, g[j], g[j - 1])
+        A, B, j = al * A, al * B + be, j - 1
+    return A, B
+
+
+def _np_fixed_point(method, n_grid, phases, a, p0, q0):
+    """The stationary student of the l2 loss (target = the student), in float64: grid index n
+    (t = g[n + 1], t_n = g[n]) depends only on the indices below it, so (p[t], q[t]) is the least-
+    squares fit, over z_t ~ N(sqrt(abar_t) MU, abar_t S^2 + 1 - abar_t) and the loss's s-draw
+    (TCD: s = g[m], m uniform in 0..n; PCM: the phase's lower edge), of f(z_t, t, s) to
+    f(teacher's DDIM step of z_t, t_n, s)."""
+    from lcm_jax.losses.consistency import extended_grid
+    g, edges = extended_grid(1000, n_grid), schedules.pcm_edges(n_grid, phases)
+    p, q = p0.copy(), q0.copy()
+    for n in range(n_grid):
+        t, te = g[n + 1], g[n]
+        draws = [(m, 1 / (n + 1)) for m in range(n + 1)] if method == "tcd" else [(edges[edges <= n].max(), 1.0)]
+        al, be = _semi_linear(p0, q0, a, t, te)        # the teacher's step t -> t_n
+        mu, v = np.sqrt(a[t]) * MU, a[t] * S ** 2 + 1 - a[t]
+        rows, rhs = [], []
+        for m, w in draws:
+            s = g[m]
+            At, Bt = _semi_linear(p, q, a, te, s)      # the target f(., t_n, s) composed with it
+            c = np.sqrt(1 - a[s]) - np.sqrt(a[s] * (1 - a[t]) / a[t])
+            d, e = np.sqrt(a[s] / a[t]) - At * al, -(At * be + Bt)
+            rows += [np.sqrt(w) * np.array([c * mu, c]), np.sqrt(w * v) * np.array([c, 0.0])]
+            rhs += [-np.sqrt(w) * (d * mu + e), -np.sqrt(w * v) * d]
+        p[t], q[t] = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
+    return p, q
+
+
+def _train_semi_linear(method, n_grid, phases, steps):
+    """Trains the affine student from the teacher with make_consistency_loss (l2, EMA 0.95)."""
+    schedule, abar, scale0, shift0 = _setup()
+    teacher_params = {"scale": scale0, "shift": shift0}
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
+    cfg = ConsistencyConfig(num_ddim_timesteps=n_grid, w_min=0.0, w_max=0.0, w_embed_dim=None,
+                            loss_type="l2", method=method, pcm_phases=phases)
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
+    tx, b = optax.adam(3e-3), 256
+    text = jnp.zeros((b, 1, 1))
+
+    @jax.jit
+    def step(params, target, opt, key):
+        k_data, k_loss = jax.random.split(key)
+        batch = {"latents": MU + S * jax.random.normal(k_data, (b,) + SHAPE), "prompt_embeds": text,
+                 "uncond_embeds": text}
+        grads = jax.grad(lambda p: loss_fn(p, target, None, batch, k_loss)[0])(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        return params, ema_update(target, params, 0.95), opt
+
+    params = dict(teacher_params)
+    target, opt = params, tx.init(params)
+    for i in range(steps):
+        params, target, opt = step(params, target, opt, jax.random.PRNGKey(100 + i))
+    return {k: np.asarray(v, np.float64) for k, v in target.items()}
+
+
+def _rms_to(p, q, pf, qf, a, ts):
+    """RMS over z_t (its Gaussian marginal) and the timesteps ts of the eps difference."""
+    var = a[ts] * S ** 2 + 1 - a[ts]
+    dp, dq = p[ts] - pf[ts], q[ts] - qf[ts]
+    return float(np.sqrt(np.mean(dp ** 2 * var + (dp * np.sqrt(a[ts]) * MU + dq) ** 2)))
+
+
+def test_pcm_converges_to_the_teacher_chain_between_phase_edges():
+    """PCM, N = 10, M = 2: each t maps to one s (its phase's lower edge), so the fixed point is the
+    teacher's DDIM chain from t to that edge exactly, and training reaches it."""
+    from lcm_jax.losses.consistency import extended_grid
+    schedule = schedules.NoiseSchedule()
+    a = schedule.alphas_cumprod.astype(np.float64)
+    var = a * S ** 2 + 1 - a
+    p0 = np.sqrt(1 - a) / var
+    q0 = -p0 * np.sqrt(a) * MU
+    pf, qf = _np_fixed_point("pcm", 10, 2, a, p0, q0)
+    g = extended_grid(1000, 10)
+    for t, edge in ((999, 499), (899, 499), (599, 499), (499, 0), (99, 0)):
+        np.testing.assert_allclose(_semi_linear(pf, qf, a, t, edge), _np_chain(p0, q0, a, g, t, edge),
+                                   rtol=1e-10, atol=1e-12)
+    trained = _train_semi_linear("pcm", 10, 2, 600)
+    err0 = _rms_to(p0, q0, pf, qf, a, g[1:])
+    err = _rms_to(trained["scale"], trained["shift"], pf, qf, a, g[1:])
+    print("PCM eps RMS to the fixed point: teacher", err0, "trained", err)
+    assert err0 > 0.01 and err < 1e-3 * err0
+
+
+def test_tcd_converges_to_its_fixed_point_closer_to_the_chain_than_the_teacher():
+    """TCD, N = 10: the student's eps does not see s, so no student is the chain for every s < t;
+    the fixed point is the least-squares one over the s-draw (float64 here). Training reaches it,
+    and its one-step map 999 -> 0 is nearer the teacher's chain than the teacher's one DDIM step;
+    from the grid's first timestep (s = 0 only) it is the teacher's step, which is the chain."""
+    from lcm_jax.losses.consistency import extended_grid
+    schedule = schedules.NoiseSchedule()
+    a = schedule.alphas_cumprod.astype(np.float64)
+    var = a * S ** 2 + 1 - a
+    p0 = np.sqrt(1 - a) / var
+    q0 = -p0 * np.sqrt(a) * MU
+    pf, qf = _np_fixed_point("tcd", 10, 1, a, p0, q0)
+    g = extended_grid(1000, 10)
+    chain = np.array(_np_chain(p0, q0, a, g, 999, 0))
+    fixed, teacher = np.array(_semi_linear(pf, qf, a, 999, 0)), np.array(_semi_linear(p0, q0, a, 999, 0))
+    print("TCD 999 -> 0 (A, B): chain", chain, "fixed point", fixed, "teacher", teacher)
+    assert np.abs(fixed - chain)[0] < 0.5 * np.abs(teacher - chain)[0]
+    np.testing.assert_allclose(_semi_linear(pf, qf, a, 99, 0), _np_chain(p0, q0, a, g, 99, 0), rtol=1e-10)
+    trained = _train_semi_linear("tcd", 10, 1, 600)
+    err0 = _rms_to(p0, q0, pf, qf, a, g[1:])
+    err = _rms_to(trained["scale"], trained["shift"], pf, qf, a, g[1:])
+    print("TCD eps RMS to the fixed point: teacher", err0, "trained", err)
+    assert err0 > 0.01 and err < 0.05 * err0
+
+
+@pytest.mark.parametrize("student,sampling", [("sample", "sampler"), ("v_prediction", "uniform")])
+def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling):
+    """LCD, N = 10, a student whose affine output is read as x0 or v (started from the teacher's
+    own x0 / v, converted in float64) and n drawn uniformly or sampler-weighted: the one-step
+    output f(z_t, t) from every grid timestep reaches the teacher's DDIM chain endpoint."""
+    from lcm_jax.losses.consistency import extended_grid
+    schedule, abar, scale0, shift0 = _setup()
+    a = schedule.alphas_cumprod.astype(np.float64)
+    p0, q0 = np.asarray(scale0, np.float64), np.asarray(shift0, np.float64)
+    ra, rs = np.sqrt(a), np.sqrt(1 - a)
+    if student == "sample":   # x0 = (z - rs eps) / ra
+        init = {"scale": (1 - rs * p0) / ra, "shift": -rs * q0 / ra}
+    else:                     # v = ra eps - rs x0
+        init = {"scale": ra * p0 - rs * (1 - rs * p0) / ra, "shift": ra * q0 + rs * rs * q0 / ra}
+    teacher_params = {"scale": scale0, "shift": shift0}
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
+    cfg = ConsistencyConfig(num_ddim_timesteps=10, w_min=0.0, w_max=0.0, w_embed_dim=None, loss_type="l2",
+                            student_prediction=student, timestep_sampling=sampling)
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
+    tx, b = optax.adam(3e-3), 256
+    text = jnp.zeros((b, 1, 1))
+
+    @jax.jit
+    def step(params, target, opt, key):
+        k_data, k_loss = jax.random.split(key)
+        batch = {"latents": MU + S * jax.random.normal(k_data, (b,) + SHAPE), "prompt_embeds": text,
+                 "uncond_embeds": text}
+        grads = jax.grad(lambda p: loss_fn(p, target, None, batch, k_loss)[0])(params)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        return params, ema_update(target, params, 0.95), opt
+
+    g = extended_grid(1000, 10)
+    z = jax.random.normal(jax.random.PRNGKey(1), (256,) + SHAPE)
+
+    def error(params):  # RMS over z and every grid start of f(z, t) - the chain's endpoint
+        errs = []
+        for n in range(10):
+            t = int(g[n + 1])
+            tt = jnp.full((z.shape[0],), t)
+            x0, _ = schedules.predict_x0_eps(_affine(params, z, tt), z, abar[t], student)
+            c_skip, c_out = schedules.scalings_for_boundary_conditions(tt)
+            one = c_skip[:, None, None, None] * z + c_out[:, None, None, None] * x0
+            end = _chain_endpoint(teacher_params, abar, g[1:], 100, z, n)
+            errs.append(float(jnp.mean((one - end) ** 2)))
+        return float(np.sqrt(np.mean(errs)))
+
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
+    err0 = error(params)
+    target, opt = params, tx.init(params)
+    for i in range(500):
+        params, target, opt = step(params, target, opt, jax.random.PRNGKey(100 + i))
+    err = error(target)
+    print(student, sampling, "one-step RMS to the chain endpoints:", err0, err)
+    assert err0 > 0.05 and err < 0.1 * err0

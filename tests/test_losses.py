@@ -98,10 +98,43 @@ def np_c_skip_c_out(t, sigma_data=0.5, scaling=10.0):
     return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / np.sqrt(s ** 2 + sigma_data ** 2)
 
 
+def np_sampling_probs(cfg: ConsistencyConfig, T: int = 1000) -> np.ndarray:
+    """P(n): uniform, or 'sampler': 1 + how many of diffusers' LCMScheduler schedules at 1, 2, 4 and
+    8 steps (PCM: the phases' upper edges floor(i N / M), i >= 1) visit t_{n+k}, normalised."""
+    N = cfg.num_ddim_timesteps
+    if cfg.timestep_sampling == "uniform":
+        return np.full(N, 1.0 / N)
+    grid = np.arange(1, N + 1) * (T // N) - 1
+    if cfg.method == "pcm":
+        visited = [[grid[(i * N) // cfg.pcm_phases - 1] for i in range(1, cfg.pcm_phases + 1)]]
+    else:
+        visited = []
+        for m in (1, 2, 4, 8):
+            sched = LCMScheduler()
+            sched.set_timesteps(num_inference_steps=m, original_inference_steps=N)
+            visited.append(sched.timesteps.numpy())
+    w = 1.0 + np.array([sum(t in set(np.asarray(v).tolist()) for v in visited) for t in grid], np.float64)
+    return w / w.sum()
+
+
+def np_end_index(n, u, cfg: ConsistencyConfig) -> np.ndarray:
+    """s's index in [0, t_1, ..., t_N]: LCD 0; TCD floor(u (n + 1)); PCM the largest phase edge
+    floor(i N / M) <= n."""
+    if cfg.method == "lcd":
+        return np.zeros_like(n)
+    if cfg.method == "tcd":
+        return np.floor(u * (n + 1)).astype(n.dtype)
+    edges = [(i * cfg.num_ddim_timesteps) // cfg.pcm_phases for i in range(cfg.pcm_phases + 1)]
+    return np.array([max(e for e in edges if e <= m) for m in n])
+
+
 def np_draws(rng, cfg: ConsistencyConfig):
-    """The loss's draws, repeated with the same keys: n ~ U{0..N-1}, eps ~ N(0, I), w ~ U[w_min, w_max]."""
+    """The loss's draws, repeated with the same keys: n ~ P(n), eps ~ N(0, I), w ~ U[w_min, w_max]."""
     rng_n, rng_eps, rng_w = jax.random.split(rng, 3)
-    n = np.asarray(jax.random.randint(rng_n, (B,), 0, cfg.num_ddim_timesteps))
+    if cfg.timestep_sampling == "uniform":
+        n = np.asarray(jax.random.randint(rng_n, (B,), 0, cfg.num_ddim_timesteps))
+    else:
+        n = np.asarray(jax.random.categorical(rng_n, jnp.log(np_sampling_probs(cfg)), shape=(B,)))
     eps = np.asarray(jax.random.normal(rng_eps, (B, H, W, C), jnp.float32), np.float64)
     w = np.asarray(jax.random.uniform(rng_w, (B,), jnp.float32, cfg.w_min, cfg.w_max), np.float64)
     return n, eps, w
@@ -117,12 +150,19 @@ def np_consistency_loss(params, target, teacher, batch, rng, cfg, pred_type, T=1
     k = T // cfg.num_ddim_timesteps
     t_start = (n + 1) * k - 1                     # t_{n+k}: the skipping-step grid k-1, 2k-1, ...
     t_end = np.maximum(t_start - k, 0)            # t_n
+    m = np_end_index(n, np.asarray(jax.random.uniform(jax.random.fold_in(rng, 3), (B,))), cfg)
+    t_to = np.where(m == 0, 0, m * k - 1)         # s: grid index m (0 is t = 0)
+    assert np.all(t_to <= t_end)
     a_s, a_e = abar[t_start][:, None, None, None], abar[t_end][:, None, None, None]
+    a_to = abar[t_to][:, None, None, None]
     z_s = np.sqrt(a_s) * z + np.sqrt(1 - a_s) * eps  # forward diffusion (Eq. 1)
     w_emb = np_w_embedding(w, cfg.w_embed_dim) if cfg.w_embed_dim else None
+    student_pred = cfg.student_prediction or pred_type
 
-    def f(p, z_t, t, a):  # Eq. 5 with the raw output turned into x0
-        x0, _ = np_x0_eps(_net(np, p, z_t, t.astype(np.float64), c, w_emb), z_t, a, pred_type)
+    def f(p, z_t, t, a):  # Eq. 5 (LCD), or the semi-linear map to s (TCD, PCM)
+        x0, e = np_x0_eps(_net(np, p, z_t, t.astype(np.float64), c, w_emb), z_t, a, student_pred)
+        if cfg.method != "lcd":
+            return np.sqrt(a_to) * x0 + np.sqrt(1 - a_to) * e
         c_skip, c_out = np_c_skip_c_out(t, cfg.sigma_data, cfg.timestep_scaling)
         return c_skip[:, None, None, None] * z_t + c_out[:, None, None, None] * x0
 
@@ -144,7 +184,7 @@ def np_consistency_loss(params, target, teacher, batch, rng, cfg, pred_type, T=1
     if cfg.timestep_weighting == "snr":  # epsilon-scale error, capped at 1
         snr = abar[t_start] / (1 - abar[t_start])
         per = per * np.minimum(1.0, snr if cfg.loss_type == "l2" else np.sqrt(snr))
-    return per.mean(), t_start, t_end, model_pred, tgt
+    return per.mean(), t_start, t_end, model_pred, tgt, t_to
 
 
 def _rel(a, ref) -> float:
@@ -167,7 +207,7 @@ def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed, weighting):
     loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
     rng, batch = jax.random.key(seed), _batch(seed)
     loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
-    ref, t_start, t_end, pred, tgt = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, pred_type)
+    ref, t_start, t_end, pred, tgt, _ = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, pred_type)
     np.testing.assert_array_equal(terms.t_start, t_start)
     np.testing.assert_array_equal(terms.t_end, t_end)
     np.testing.assert_allclose(terms.w, np_draws(rng, cfg)[2], rtol=1e-6)
@@ -175,6 +215,81 @@ def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed, weighting):
     assert _rel(terms.target, tgt) <= TOL
     assert abs(float(loss) - ref) <= TOL * abs(ref)
     assert abs(float(loss) - float(jnp.mean(terms.loss))) <= 1e-7 * abs(ref)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("sampling", ["uniform", "sampler"])
+@pytest.mark.parametrize("student", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("method", ["lcd", "tcd", "pcm"])
+def test_methods_and_parameterisations_equal_numpy(method, student, sampling, seed):
+    """TCD (s <= t_n on the grid), PCM (s = the phase's lower edge), a student whose output is read
+    as epsilon, x0 or v with an epsilon teacher, and sampler-weighted n: the loss against the
+    float64 reference. N = 10 so that both draws of B = 2 cover several phases and weights."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=10, w_embed_dim=E, loss_type="l2", method=method,
+                            student_prediction=student, timestep_sampling=sampling, pcm_phases=3)
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedules.NoiseSchedule(), cfg)
+    rng, batch = jax.random.key(seed), _batch(seed)
+    loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
+    ref, t_start, t_end, pred, tgt, t_to = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg,
+                                                               "epsilon")
+    np.testing.assert_array_equal(terms.t_start, t_start)
+    np.testing.assert_array_equal(terms.t_to, t_to)
+    assert _rel(terms.model_pred, pred) <= TOL
+    assert _rel(terms.target, tgt) <= TOL
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+
+
+@pytest.mark.parametrize("method", ["tcd", "pcm"])
+def test_semi_linear_function_is_the_identity_at_s_equal_t(method):
+    """f(z, t, s = t) = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat = z whatever the network says:
+    the boundary condition TCD and PCM get from their parameterisation. With N = 1 every s is 0 =
+    t_n, so the target is z^Psi_0, the teacher's one DDIM step 999 -> 0."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=1, w_embed_dim=E, loss_type="l2", method=method,
+                            pcm_phases=1)
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedules.NoiseSchedule(), cfg)
+    rng, batch = jax.random.key(2), _batch(2)
+    _, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
+    np.testing.assert_array_equal(terms.t_to, [0, 0])
+    abar = np_alphas_cumprod()
+    eps = np_draws(rng, cfg)[1]
+    z_s = np.sqrt(abar[999]) * batch["latents"] + np.sqrt(1 - abar[999]) * eps
+    out = lambda c: _net(np, {k: v.astype(np.float64) for k, v in TEACHER.items()}, z_s,
+                         np.full(B, 999.0), batch[c].astype(np.float64), None)
+    w = np_draws(rng, cfg)[2][:, None, None, None]
+    e = out("prompt_embeds") + w * (out("prompt_embeds") - out("uncond_embeds"))
+    x0 = (z_s - np.sqrt(1 - abar[999]) * e) / np.sqrt(abar[999])
+    np.testing.assert_allclose(terms.target, np.sqrt(abar[0]) * x0 + np.sqrt(1 - abar[0]) * e,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_weighting_draws_its_distribution():
+    """timestep_sampling='sampler': the draw frequencies of n over 40000 examples are the reference
+    P(n) (LCMScheduler's 1/2/4/8-step timesteps up-weighted) within 4 standard errors; the
+    visited timesteps have twice or more the weight of the rest."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, timestep_sampling="sampler")
+    p = np_sampling_probs(cfg)
+    np.testing.assert_allclose(consistency.sampling_probs(1000, cfg), p, rtol=1e-12)
+    grid = ddim_grid(1000, 50)
+    assert p[grid == 999] / p[grid == 19] == 5.0  # t = 999 starts all four schedules
+    count = 40000
+    n = np.asarray(jax.random.categorical(jax.random.key(0), jnp.log(p), shape=(count,)))
+    freq = np.bincount(n, minlength=50) / count
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / count) + 1e-9)
+    with pytest.raises(ValueError, match="timestep_sampling must be one of .* got 'snr'"):
+        consistency.sampling_probs(1000, ConsistencyConfig(timestep_sampling="snr"))
+
+
+def test_pcm_edges_and_sampler_timesteps():
+    """M = 4 phases of N = 50: edges at grid indices 0, 12, 25, 37, 50; the sampler visits the
+    upper edges 999, 739, 499, 239 (t = 20 i - 1 at index i), and the TCD sampler at gamma = 0
+    steps to the next edge (tcd_s_timesteps equals the next timestep, then 0)."""
+    from lcm_jax.sampling import tcd_s_timesteps
+    np.testing.assert_array_equal(schedules.pcm_edges(50, 4), [0, 12, 25, 37, 50])
+    ts = schedules.pcm_timesteps(1000, 50, 4)
+    np.testing.assert_array_equal(ts, [999, 739, 499, 239])
+    np.testing.assert_array_equal(tcd_s_timesteps(ts, 0.0), [739, 499, 239, 0])
+    with pytest.raises(ValueError, match=r"pcm_phases=51: must be in \[1, num_ddim_timesteps=50\]"):
+        schedules.pcm_edges(50, 51)
 
 
 def test_lcm_lora_student_without_w_embedding():
@@ -190,7 +305,7 @@ def test_lcm_lora_student_without_w_embedding():
     rng, batch = jax.random.key(3), _batch(3)
     loss, terms = loss_fn(PARAMS, PARAMS, FROZEN, batch, rng)
     assert seen == [None, None]
-    ref, *_, tgt = np_consistency_loss(PARAMS, PARAMS, TEACHER, batch, rng, cfg, "epsilon")
+    ref, *_, tgt, _ = np_consistency_loss(PARAMS, PARAMS, TEACHER, batch, rng, cfg, "epsilon")
     assert _rel(terms.target, tgt) <= TOL
     assert abs(float(loss) - ref) <= TOL * abs(ref)
 
@@ -202,7 +317,7 @@ def test_lcf_target_is_forward_diffusion_of_the_data():
     loss_fn = make_consistency_loss(student_fn, None, schedules.NoiseSchedule(), cfg)
     rng, batch = jax.random.key(5), _batch(5)
     loss, terms = loss_fn(PARAMS, TARGET, {}, batch, rng)
-    ref, _, _, _, tgt = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, "epsilon")
+    ref, _, _, _, tgt, _ = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, "epsilon")
     np.testing.assert_allclose(terms.w, 7.0)
     assert _rel(terms.target, tgt) <= TOL
     assert abs(float(loss) - ref) <= TOL * abs(ref)

@@ -26,11 +26,13 @@ LCM_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_sch
 
 
 def export_pipeline(params: Any, unet_config: Any, out: str, teacher: Optional[str],
-                    lcm_grid: Optional[tuple[int, float]] = None) -> str:
+                    lcm_grid: Optional[tuple[int, float]] = None,
+                    prediction_type: Optional[str] = None) -> str:
     """out/unet; with a teacher folder also every other part its model_index.json lists (vae,
     text encoder(s), tokenizer(s), ...), its scheduler config (an LCMScheduler one when
-    `lcm_grid` = (original_inference_steps, timestep_scaling) is given) and model_index.json, so
-    that the result is a complete pipeline folder. Returns what it wrote."""
+    `lcm_grid` = (original_inference_steps, timestep_scaling) is given; `prediction_type`, when
+    given, replaces the teacher's: what the UNet outputs) and model_index.json, so that the result
+    is a complete pipeline folder. Returns what it wrote."""
     if not teacher:
         unet_to_diffusers(params, unet_config, os.path.join(out, "unet"))
         return "unet/ only (the run's teacher is a random UNet: no VAE or text encoder to copy)"
@@ -38,6 +40,8 @@ def export_pipeline(params: Any, unet_config: Any, out: str, teacher: Optional[s
     index = read_config(teacher, "model_index.json")
     if lcm_grid is not None:
         sched, index = lcm_scheduler_config(sched, *lcm_grid), lcm_model_index(index)
+    if prediction_type:
+        sched = {**sched, "prediction_type": prediction_type}
     parts = pipeline_parts(index, teacher)  # checked before anything is written
     unet_to_diffusers(params, unet_config, os.path.join(out, "unet"))
     for part in parts:

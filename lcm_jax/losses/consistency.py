@@ -1,4 +1,5 @@
-"""Consistency losses: latent consistency distillation (LCD), LCM-LoRA and LCF.
+"""Consistency losses: latent consistency distillation (LCD), LCM-LoRA, LCF, trajectory consistency
+distillation (TCD) and phased consistency (PCM).
 
 Notation follows Luo et al. 2023, "Latent Consistency Models" (LCM), Algorithm 1:
   z          clean latent (VAE latent times scaling_factor), c the text condition,
@@ -7,6 +8,18 @@ Notation follows Luo et al. 2023, "Latent Consistency Models" (LCM), Algorithm 1
   Psi        the teacher's one-step ODE solver (DDIM) on the w-augmented PF-ODE (Eq. 9),
   f_theta(z, w, c, t) = c_skip(t) z + c_out(t) F_theta(z, w, c, t)   (parameterisation, Eq. 5),
   loss       d(f_theta(z_{t_{n+k}}, w, c, t_{n+k}), f_theta-(z^Psi_{t_n}, w, c, t_n))   (Eq. 10).
+TCD (Zheng et al. 2024) and PCM (Wang et al. 2024) keep steps 1-3 and 5 and change the consistency
+function: f_theta(z, w, c, t, s) maps z_t to z_s for an s <= t_n, in the semi-linear (DDIM,
+first-order exponential-integrator) form
+  f_theta(z_t, t, s) = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat   ((x0_hat, eps_hat) from F_theta),
+which is the identity at s = t, so no c_skip/c_out are needed. TCD draws s on the grid below t_n
+(s = G[floor(u (n + 1))], u ~ U[0, 1): an intermediate s = (1 - gamma) t_n, gamma ~ U[0, 1],
+put on the grid; the authors released no training code, so this draw is the project's); PCM fixes s to
+the lower edge of t's phase (the grid cut into `pcm_phases` phases). The loss is then
+d(f_theta(z_{t_{n+k}}, t_{n+k}, s), f_theta-(z^Psi_{t_n}, t_n, s)).
+Either function reads the student's raw output F_theta as epsilon, x0 or v (`student_prediction`;
+the teacher's own type by default): for an x0 student the one-step error is its output's error
+times c_out, not an epsilon error times sqrt(1 - abar) / sqrt(abar) (14.6 at SD's t = 999).
 The time grid indexing and the w-convention follow diffusers' train_lcm_distill_sd_wds.py, so that
 checkpoints are interchangeable: the CFG form is eps_c + w (eps_c - eps_u) and the student embeds
 this w (= guidance_scale - 1 at sampling time).
@@ -29,6 +42,14 @@ Params = Any
 ModelFn = Callable[..., jax.Array]
 
 
+METHODS = ("lcd", "tcd", "pcm")
+# The student's output (config name) -> its schedules.PREDICTION_TYPES name.
+STUDENT_PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
+TIMESTEP_SAMPLINGS = ("uniform", "sampler")
+# timestep_sampling='sampler' favours the grid timesteps the LCM sampler visits at these step counts.
+SAMPLER_STEPS = (1, 2, 4, 8)
+
+
 @dataclasses.dataclass(frozen=True)
 class ConsistencyConfig:
     num_ddim_timesteps: int = 50      # N; the skipping step is k = T / N
@@ -41,6 +62,11 @@ class ConsistencyConfig:
     timestep_scaling: float = 10.0
     solver: str = "ddim"              # teacher ODE solver: 'ddim'; 'data' = LCF (no teacher)
     timestep_weighting: str = "uniform"  # lambda(t_{n+k}): 'uniform' (the paper) or 'snr' (below)
+    method: str = "lcd"               # the consistency function: 'lcd' | 'tcd' | 'pcm' (module doc)
+    student_prediction: str = ""      # the student's output as a schedule prediction type
+                                      # ('epsilon' | 'v_prediction' | 'sample'); "": the teacher's
+    timestep_sampling: str = "uniform"  # n ~ 'uniform' on the grid | 'sampler' (sampling_probs)
+    pcm_phases: int = 4               # PCM: M phases of the grid
 
 
 @dataclasses.dataclass
@@ -49,15 +75,58 @@ class ConsistencyTerms:
     loss: jax.Array        # (B,)  distance d(., .) averaged over latent elements
     t_start: jax.Array     # (B,)  t_{n+k}
     t_end: jax.Array       # (B,)  t_n
+    t_to: jax.Array        # (B,)  s, where f maps to: 0 for LCD (f(z, 0) = z), s <= t_n for TCD/PCM
     w: jax.Array           # (B,)
-    model_pred: jax.Array  # (B, h, w, c)  f_theta(z_{t_{n+k}})
-    target: jax.Array      # (B, h, w, c)  f_theta-(z^Psi_{t_n})
+    model_pred: jax.Array  # (B, h, w, c)  f_theta(z_{t_{n+k}}, s)
+    target: jax.Array      # (B, h, w, c)  f_theta-(z^Psi_{t_n}, s)
 
 
 def ddim_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
     """t_n for n = 1..N: round(n k) - 1 with k = T / N  (diffusers' DDIMSolver grid)."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ValueError(f"num_ddim_timesteps={num_ddim_timesteps}: the skipping step k = T / N needs "
+                         f"1 <= N <= T = {num_train_timesteps} (the teacher's num_train_timesteps)")
     k = num_train_timesteps // num_ddim_timesteps
     return (np.arange(1, num_ddim_timesteps + 1) * k).round().astype(np.int32) - 1
+
+
+def extended_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> np.ndarray:
+    """G = [0, t_1, ..., t_N]: G[n + 1] is the start t_{n+k} of grid index n and G[n] its end t_n
+    (max(t_{n+k} - k, 0))."""
+    return np.concatenate([[0], ddim_grid(num_train_timesteps, num_ddim_timesteps)]).astype(np.int32)
+
+
+def sampling_probs(num_train_timesteps: int, cfg: ConsistencyConfig) -> np.ndarray:
+    """P(n) over the N grid indices. 'uniform': 1 / N (LCM, Algorithm 1). 'sampler': proportional to
+    1 + the number of few-step schedules that visit t_{n+k}: the LCM sampler's timesteps at
+    SAMPLER_STEPS steps (LCD, TCD), or the phases' upper edges (PCM): where sampling evaluates the
+    student gets more training, and every grid timestep keeps some."""
+    n = cfg.num_ddim_timesteps
+    if cfg.timestep_sampling == "uniform":
+        return np.full(n, 1.0 / n)
+    if cfg.timestep_sampling != "sampler":
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {cfg.timestep_sampling!r}")
+    grid = ddim_grid(num_train_timesteps, n)
+    if cfg.method == "pcm":
+        visited = [schedules.pcm_timesteps(num_train_timesteps, n, cfg.pcm_phases)]
+    else:
+        visited = [schedules.lcm_timesteps(m, n, num_train_timesteps) for m in SAMPLER_STEPS if m <= n]
+    weight = 1.0 + sum(np.isin(grid, v).astype(np.float64) for v in visited)
+    return weight / weight.sum()
+
+
+def end_index(n: jax.Array, u: jax.Array, cfg: ConsistencyConfig) -> jax.Array:
+    """Index into the extended grid of s, where f maps z_{t_{n+k}} to: 0 for LCD; TCD
+    floor(u (n + 1)) in 0..n (u ~ U[0, 1)); PCM the lower edge of the phase holding n + 1."""
+    if cfg.method == "lcd":
+        return jnp.zeros_like(n)
+    if cfg.method == "tcd":
+        return jnp.minimum(jnp.floor(u * (n + 1)).astype(n.dtype), n)
+    if cfg.method == "pcm":
+        edges = schedules.pcm_edges(cfg.num_ddim_timesteps, cfg.pcm_phases)
+        lower = edges[np.searchsorted(edges, np.arange(cfg.num_ddim_timesteps), side="right") - 1]
+        return jnp.asarray(lower, n.dtype)[n]
+    raise ValueError(f"consistency method must be one of {METHODS}, got {cfg.method!r}")
 
 
 TIMESTEP_WEIGHTINGS = ("uniform", "snr")
@@ -99,23 +168,29 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
     optional 'added_cond' / 'uncond_added_cond' (SDXL micro-conditioning dicts).
     """
     T = schedule.num_train_timesteps
-    grid = jnp.asarray(ddim_grid(T, cfg.num_ddim_timesteps))
-    k = T // cfg.num_ddim_timesteps
+    g = jnp.asarray(extended_grid(T, cfg.num_ddim_timesteps))
+    log_p = jnp.asarray(np.log(sampling_probs(T, cfg)), jnp.float32)
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
-    pred_type = schedule.prediction_type
+    pred_type, student_pred = schedule.prediction_type, cfg.student_prediction or schedule.prediction_type
+    if cfg.method not in METHODS:
+        raise ValueError(f"consistency method must be one of {METHODS}, got {cfg.method!r}")
 
-    def f_theta(fn, params, frozen, z_t, t, text, w_emb, added):
-        return _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cfg)
+    def f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added):
+        return _f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added, abar, student_pred, cfg)
 
     def loss_fn(params, target_params, frozen, batch, rng):
         z, text = batch["latents"], batch["prompt_embeds"]
         added = batch.get("added_cond")
         b = z.shape[0]
         rng_n, rng_eps, rng_w = jax.random.split(rng, 3)
-        # 1. SAMPLE n ~ U{0..N-1}, t_{n+k} = grid[n], t_n = t_{n+k} - k (clamped at 0).
-        n = jax.random.randint(rng_n, (b,), 0, cfg.num_ddim_timesteps)
-        t_start = grid[n]
-        t_end = jnp.maximum(t_start - k, 0)
+        # 1. SAMPLE n ~ P(n) (uniform: U{0..N-1}), t_{n+k} = G[n + 1], t_n = G[n] = max(t_{n+k} - k, 0);
+        #    s = G[end_index] <= t_n, where f maps to (LCD: 0).
+        if cfg.timestep_sampling == "uniform":
+            n = jax.random.randint(rng_n, (b,), 0, cfg.num_ddim_timesteps)
+        else:
+            n = jax.random.categorical(rng_n, log_p, shape=(b,)).astype(jnp.int32)
+        t_start, t_end = g[n + 1], g[n]
+        t_to = g[end_index(n, jax.random.uniform(jax.random.fold_in(rng, 3), (b,)), cfg)]
         # 2. FORWARD DIFFUSION to t_{n+k} (Eq. 1).
         eps = jax.random.normal(rng_eps, z.shape, jnp.float32)
         a_start = _bcast(abar[t_start])
@@ -123,8 +198,8 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
         # 3. GUIDANCE SCALE w ~ U[w_min, w_max] and its embedding (the student's timestep_cond).
         w = jax.random.uniform(rng_w, (b,), jnp.float32, cfg.w_min, cfg.w_max)
         w_emb = guidance_scale_embedding(w, cfg.w_embed_dim) if cfg.w_embed_dim else None
-        # 4. ONLINE PREDICTION f_theta(z_{t_{n+k}}, w, c, t_{n+k}).
-        model_pred = f_theta(student_fn, params, frozen, z_start, t_start, text, w_emb, added)
+        # 4. ONLINE PREDICTION f_theta(z_{t_{n+k}}, w, c, t_{n+k}, s).
+        model_pred = f_theta(student_fn, params, frozen, z_start, t_start, t_to, text, w_emb, added)
         # 5. ONE ODE SOLVER STEP t_{n+k} -> t_n on the w-augmented PF-ODE (Eq. 9).
         if cfg.solver == "data":  # LCF: the data's own estimate, x0 = z and eps = the noise drawn.
             z_end = schedules.ddim_step(z_start, eps, z, a_start, _bcast(abar[t_end]))
@@ -132,13 +207,13 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
             z_end = _teacher_ddim_step(teacher_fn, frozen, z_start, t_start, t_end, batch, w, abar,
                                        pred_type)
         z_end = jax.lax.stop_gradient(z_end)
-        # 6. TARGET f_theta-(z^Psi_{t_n}, w, c, t_n), no gradient.
+        # 6. TARGET f_theta-(z^Psi_{t_n}, w, c, t_n, s), no gradient.
         target = jax.lax.stop_gradient(
-            f_theta(student_fn, target_params, frozen, z_end, t_end, text, w_emb, added))
+            f_theta(student_fn, target_params, frozen, z_end, t_end, t_to, text, w_emb, added))
         # 7. CONSISTENCY DISTANCE (Eq. 10).
         per_example = distance(model_pred, target, cfg.loss_type, cfg.huber_c)
         per_example = per_example * timestep_weight(abar[t_start], cfg.timestep_weighting, cfg.loss_type)
-        terms = ConsistencyTerms(per_example, t_start, t_end, w, model_pred, target)
+        terms = ConsistencyTerms(per_example, t_start, t_end, t_to, w, model_pred, target)
         return jnp.mean(per_example), terms
 
     return loss_fn
@@ -165,7 +240,10 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
     grid = jnp.asarray(grid_np)
     k = T // cfg.num_ddim_timesteps
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
-    pred_type = schedule.prediction_type
+    pred_type, student_pred = schedule.prediction_type, cfg.student_prediction or schedule.prediction_type
+    if cfg.method == "pcm":
+        raise ValueError("the endpoint error is a one-step error to t = 0; a PCM student steps one "
+                         "phase at a time (leave eval_endpoint_timesteps empty for method 'pcm')")
     start_n = np.searchsorted(grid_np, np.asarray(starts))
     top = int(start_n.max())
 
@@ -181,8 +259,8 @@ def make_endpoint_error(student_fn: ModelFn, teacher_fn: ModelFn, schedule: sche
         z_s = jnp.sqrt(a_s) * tiled["latents"] + jnp.sqrt(1.0 - a_s) * eps
         ws = jnp.full((b * s,), w, jnp.float32)
         w_emb = guidance_scale_embedding(ws, cfg.w_embed_dim) if cfg.w_embed_dim else None
-        one_step = _f_theta(student_fn, params, frozen, z_s, t_s, tiled["prompt_embeds"], w_emb,
-                            tiled.get("added_cond"), abar, pred_type, cfg)
+        one_step = _f_theta(student_fn, params, frozen, z_s, t_s, jnp.zeros_like(t_s),
+                            tiled["prompt_embeds"], w_emb, tiled.get("added_cond"), abar, student_pred, cfg)
 
         def hop(i, zc):  # grid index n = top - i, every chain that has started takes the step
             n = top - i
@@ -222,10 +300,14 @@ def teacher_chain_endpoint(teacher_fn: ModelFn, frozen, batch: dict, z: jax.Arra
     return jax.lax.fori_loop(0, int(np.searchsorted(grid, t_start)) + 1, hop, z.astype(jnp.float32))
 
 
-def _f_theta(fn, params, frozen, z_t, t, text, w_emb, added, abar, pred_type, cfg):
-    """Eq. 5: c_skip(t) z_t + c_out(t) x0_hat(F(z_t, w, c, t))."""
+def _f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added, abar, pred_type, cfg):
+    """The consistency function at (z_t, t) towards s, from the student's raw output read as
+    `pred_type`. LCD, Eq. 5: c_skip(t) z_t + c_out(t) x0_hat (s is 0). TCD/PCM, semi-linear:
+    sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat."""
     out = fn(params, frozen, z_t, t, text, w_emb, added)
-    x0, _ = schedules.predict_x0_eps(out, z_t, _bcast(abar[t]), pred_type)
+    x0, eps = schedules.predict_x0_eps(out, z_t, _bcast(abar[t]), pred_type)
+    if cfg.method != "lcd":
+        return schedules.ddim_step(z_t, eps, x0, _bcast(abar[t]), _bcast(abar[s]))
     c_skip, c_out = schedules.scalings_for_boundary_conditions(
         t, sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling)
     return _bcast(c_skip) * z_t + _bcast(c_out) * x0

@@ -2,6 +2,7 @@
 and `restore_weights(workdir, which, step)`: one weight tree of it, on the host (what export needs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, NamedTuple, Optional
@@ -36,7 +37,19 @@ def restore_checkpoint(mngr, abstract_state: TrainState, step: Optional[int] = N
     step = mngr.latest_step() if step is None else step
     if step is None:
         return None
+    if abstract_state.eval_params is None and "eval_params" not in _saved_fields(mngr, step):
+        # saved before TrainState.eval_params existed: the same state, without a slow EMA
+        fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(TrainState)
+                  if f.name != "eval_params"}
+        return TrainState(**mngr.restore(step, args=ocp.args.StandardRestore(fields)))
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _saved_fields(mngr, step: int) -> set[str]:
+    """The top-level names of the TrainState saved at `step`, from its tree metadata (a manager that
+    has not saved this run has no handler to ask, so the step folder's 'default' item is read)."""
+    path = ocp.path.step.find_step_path(mngr.directory, ocp.path.step.standard_name_format(), step=step)
+    return set(ocp.StandardCheckpointer().metadata(path / "default").item_metadata.keys())
 
 
 # Fields a resumed run may change: none of them changes the saved state's structure, shapes or
@@ -141,7 +154,7 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
     return Restored(config, unet, state)
 
 
-WEIGHTS = ("sampling", "ema", "online")
+WEIGHTS = ("sampling", "ema", "eval_ema", "online")
 
 
 class RestoredWeights(NamedTuple):
@@ -159,15 +172,19 @@ def abstract_state(config) -> tuple[Any, TrainState]:
 
 def weights_field(abstract: TrainState, which: str) -> str:
     """The TrainState field `which` names: 'online' the trained params, 'ema' the EMA target,
-    'sampling' what `state.sampling_params` picks (the EMA when the run keeps one)."""
+    'eval_ema' the slow evaluation EMA, 'sampling' what `state.sampling_params` picks."""
     if which not in WEIGHTS:
         raise ValueError(f"weights {which!r} unknown; choose one of {WEIGHTS}")
     if which == "ema" and abstract.target_params is None:
         raise RunError("the run keeps no EMA of its weights (no target_params); "
                        "export 'online' (or 'sampling') weights instead")
+    if which == "eval_ema" and abstract.eval_params is None:
+        raise RunError("the run keeps no slow evaluation EMA (eval_ema_decay 0); "
+                       "export 'sampling', 'ema' or 'online' weights instead")
     if which == "sampling":
-        return "params" if sampling_params(abstract) is abstract.params else "target_params"
-    return "params" if which == "online" else "target_params"
+        picked = sampling_params(abstract)
+        return next(f for f in ("eval_params", "target_params", "params") if getattr(abstract, f) is picked)
+    return {"online": "params", "ema": "target_params", "eval_ema": "eval_params"}[which]
 
 
 def saved_step(workdir: str, mngr, step: Optional[int] = None) -> int:

@@ -3,6 +3,7 @@ UNet), the student derived from it (a w-embedding added for LCD/LCF, LoRA factor
 the VAE and text encoder(s), and the losses' view of them (student_fn / teacher_fn)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -17,6 +18,7 @@ from lcm_jax.components import load_components
 from lcm_jax.convert.clip import encode_prompt_ids
 from lcm_jax.convert.common import read_config
 from lcm_jax.convert.unet import unet_shapes
+from lcm_jax.losses import consistency
 from lcm_jax.models import lora as lora_lib
 from lcm_jax.models.unet import UNet2DConditionModel
 
@@ -61,8 +63,30 @@ def _with_new_leaves(params: Params, shapes: Params, init: str = "zeros", seed: 
     return traverse_util.unflatten_dict(flat)
 
 
+W_CONDITIONED = ("lcd", "lcf", "tcd", "pcm")  # full students with a w-embedding (time_cond_proj_dim)
+DISTILLED = ("lcd", "lcm_lora", "tcd", "pcm")  # methods that read the frozen teacher
+STUDENT_PREDICTIONS = ("teacher",) + tuple(consistency.STUDENT_PREDICTIONS)
+
+
 def uses_w_embedding(config) -> bool:
-    return config.method in ("lcd", "lcf") and config.model.time_cond_proj_dim > 0
+    return config.method in W_CONDITIONED and config.model.time_cond_proj_dim > 0
+
+
+def student_prediction(config) -> str:
+    """What the student UNet's output is, as a schedule prediction_type ('epsilon', 'sample',
+    'v_prediction'), from config.loss.student_prediction; "" when it is the teacher's own (the
+    default 'teacher', and always for teacher training)."""
+    name = config.loss.get("student_prediction", "teacher") if config.method != "diffusion" else "teacher"
+    if name not in STUDENT_PREDICTIONS:
+        raise ValueError(f"loss.student_prediction={name!r}: choose one of {STUDENT_PREDICTIONS}")
+    return "" if name == "teacher" else consistency.STUDENT_PREDICTIONS[name]
+
+
+def student_schedule(config, schedule: schedules.NoiseSchedule) -> schedules.NoiseSchedule:
+    """The teacher's noise schedule with the student's prediction_type: what samplers, the
+    pipeline and the exported scheduler config read the student's output with."""
+    pred = student_prediction(config)
+    return dataclasses.replace(schedule, prediction_type=pred) if pred else schedule
 
 
 def build_models(config: ml_collections.ConfigDict) -> Models:
@@ -107,9 +131,9 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
     if config.method == "lcm_lora":
         frozen["teacher"] = teacher_params
         init = lora_lib.init_lora(jax.random.PRNGKey(mc.init_seed + 1), teacher_params, config.lora.rank)
-    elif config.method == "lcd":
+    elif config.method in DISTILLED:
         frozen["teacher"] = jax.tree.map(lambda x: jnp.asarray(x, dtype(mc.teacher_dtype)), teacher_params)
-    return Models(student, init, teacher if config.method in ("lcd", "lcm_lora") else None,
+    return Models(student, init, teacher if config.method in DISTILLED else None,
                   frozen, schedule, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
 
 

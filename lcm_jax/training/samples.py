@@ -1,5 +1,6 @@
-"""Sample grids during training: the config's sample prompts at 1, 2 and 4 LCM steps from the
-network that samples (the EMA target, or the LoRA-merged teacher), written to samples/.
+"""Sample grids during training: the config's sample prompts at 1, 2 and 4 steps of the method's
+sampler (LCM; TCD's for 'tcd'; for 'pcm' the deterministic phase-edge steps) from the network that
+samples (`sampling_params`; LoRA merged into the teacher), written to samples/.
 Every process takes part in the sharded computation (the weights are sharded over all hosts);
 process 0 writes the image.
 
@@ -13,18 +14,35 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from lcm_jax import fs, sampling, schedules, sharding
 from lcm_jax.components import decode_latents
 from lcm_jax.evaluation.grids import save_grid
 from lcm_jax.models.layers import guidance_scale_embedding
-from lcm_jax.training.models import Models, make_model_fns, tokenize_fn, uses_w_embedding
+from lcm_jax.training.models import Models, make_model_fns, student_schedule, tokenize_fn, uses_w_embedding
 from lcm_jax.training.state import TrainState, sampling_params, w_midpoint
 from lcm_jax.training.step import make_encode
 
 GRID_STEPS = (1, 2, 4)
 GRID_SEED = 0
+TCD_GAMMA = 0.3  # the TCD sampler's default (diffusers' TCDScheduler eta)
+
+
+def grid_samplers(config, num_train_timesteps: int) -> dict[int, tuple[str, np.ndarray, float]]:
+    """{steps: (sampler, timesteps, gamma)} of the rows of a run's sample grid: LCM at GRID_STEPS
+    on the distilled grid; TCD for method 'tcd'; for 'pcm' one row, the TCD sampler at gamma = 0
+    on the phase edges (an edge-to-edge DDIM step each, PCM's deterministic sampling)."""
+    n = config.loss.num_ddim_timesteps
+    if config.method == "pcm":
+        ts = schedules.pcm_timesteps(num_train_timesteps, n, config.loss.pcm_phases)
+        return {len(ts): ("tcd", ts, 0.0)}
+    if config.method == "tcd":
+        return {m: ("tcd", schedules.tcd_timesteps(m, config_original_inference_steps=n,
+                                                   num_train_timesteps=num_train_timesteps), TCD_GAMMA)
+                for m in GRID_STEPS}
+    return {m: ("lcm", schedules.lcm_timesteps(m, n, num_train_timesteps), 0.0) for m in GRID_STEPS}
 
 
 def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
@@ -44,8 +62,8 @@ def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
     if uses_w_embedding(config):
         w_emb = guidance_scale_embedding(jnp.full((len(prompts),), w_midpoint(config)),
                                          config.model.time_cond_proj_dim)
-    T = models.schedule.num_train_timesteps
-    grids = {n: schedules.lcm_timesteps(n, config.loss.num_ddim_timesteps, T) for n in GRID_STEPS}
+    grids = grid_samplers(config, models.schedule.num_train_timesteps)
+    schedule = student_schedule(config, models.schedule)
 
     @functools.partial(jax.jit, static_argnums=3, out_shardings=sharding.replicated(mesh))
     def images(params, frozen, rng, num_steps: int):
@@ -54,16 +72,17 @@ def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
         cond = encode(frozen, {"latents": latents, "input_ids": jnp.asarray(ids)}, rng_lat)
         text, added = cond["prompt_embeds"], cond.get("added_cond")
         model_fn = lambda x, t: student_fn(params, frozen, x, t, text, w_emb, added)
-        z = sampling.lcm_sample(model_fn, latents, models.schedule, grids[num_steps], rng_steps)
+        name, ts, gamma = grids[num_steps]
+        z = sampling.sample(name, model_fn, latents, schedule, ts, rng_steps, gamma=gamma)
         return decode_latents(models.vae, frozen["vae"], z)
 
     def grid(state: TrainState, step: int) -> str:
         params, rng = sampling_params(state), jax.random.PRNGKey(GRID_SEED)
-        rows = [jax.device_get(images(params, frozen, rng, n)) for n in GRID_STEPS]
+        rows = [jax.device_get(images(params, frozen, rng, n)) for n in grids]
         path = fs.join(workdir, "samples", f"step_{step:06d}.png")
         if jax.process_index() == 0:
             save_grid(jnp.concatenate(rows), path, nrow=len(prompts),
-                      labels=[f"{n} step{'s' if n > 1 else ''}" for n in GRID_STEPS])
+                      labels=[f"{n} step{'s' if n > 1 else ''}" for n in grids])
         return path
 
     return grid

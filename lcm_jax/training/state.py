@@ -11,8 +11,9 @@ from flax import struct
 from lcm_jax.training.models import dtype
 
 Params = Any
-METHODS = ("lcd", "lcm_lora", "lcf", "diffusion")
-HAS_TARGET = ("lcd", "lcf")  # methods whose loss reads the target network theta-
+METHODS = ("lcd", "lcm_lora", "lcf", "tcd", "pcm", "diffusion")
+TARGET_EMA = ("lcd", "lcf", "tcd", "pcm")  # methods whose loss reads an EMA target theta- (and
+                                           # LCM-LoRA with loss.lora_target_ema)
 
 
 @struct.dataclass
@@ -22,18 +23,23 @@ class TrainState:
     target_params: Optional[Params]  # EMA: LCD/LCF's target theta-, or diffusion's weight EMA; else None
     opt_state: Any
     rng: jax.Array                   # base key; step keys are fold_in(rng, step)
+    eval_params: Optional[Params] = None  # the slow EMA of params (eval_ema_decay > 0), else None
 
 
 def sampling_params(state: TrainState) -> Params:
-    """The weights that sample, evaluate and export: the EMA (LCD/LCF's target network, or the
-    diffusion weight EMA) when the run keeps one, else the trained parameters."""
+    """The weights that sample, evaluate and export: the slow evaluation EMA when the run keeps
+    one (eval_ema_decay), else the target EMA (LCD/LCF/TCD/PCM's theta-, LCM-LoRA's with
+    lora_target_ema, or the diffusion weight EMA) when it keeps one, else the trained parameters."""
+    if state.eval_params is not None:
+        return state.eval_params
     return state.params if state.target_params is None else state.target_params
 
 
 def loss_target(config, params: Params, target_params: Optional[Params]) -> Params:
     """theta- of the consistency loss: the EMA target network, or the current student itself
-    (under the loss's stop-gradient) when none is kept (ema_decay 0) or the method has none."""
-    return target_params if config.method in HAS_TARGET and target_params is not None else params
+    (under the loss's stop-gradient) when none is kept (ema_decay 0, LCM-LoRA without
+    lora_target_ema). Diffusion's weight EMA is never a loss target."""
+    return target_params if config.method != "diffusion" and target_params is not None else params
 
 
 def optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int, schedule: str = "constant",
@@ -68,25 +74,33 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 def ema_decay(config) -> float:
     """Decay of the EMA kept in TrainState.target_params (0: none is kept).
 
-    LCD/LCF: the target network theta- of the consistency loss (config.loss.ema_decay); with 0
-    the target is the current student under stop-gradient.
+    LCD/LCF/TCD/PCM: the target network theta- of the consistency loss (config.loss.ema_decay);
+    with 0 the target is the current student under stop-gradient. LCM-LoRA: the same, of the LoRA
+    factors, only with loss.lora_target_ema (diffusers' recipe has no target).
     Diffusion training: an EMA of the weights, the model a teacher ships with
     (config.diffusion_ema_decay, as diffusers' --use_ema); the loss never reads it.
     """
-    if config.method in ("lcd", "lcf"):
+    if config.method in TARGET_EMA or (config.method == "lcm_lora" and config.loss.get("lora_target_ema", False)):
         return float(config.loss.ema_decay)
     if config.method == "diffusion":
         return float(config.get("diffusion_ema_decay", 0.0))
     return 0.0
 
 
+def eval_ema_decay(config) -> float:
+    """Decay of the slow EMA kept in TrainState.eval_params (config.eval_ema_decay; 0: none): the
+    consistency-models recipe of a fast target network and a slow EMA that samples."""
+    return float(config.get("eval_ema_decay", 0.0))
+
+
 def make_init_state(config, tx: optax.GradientTransformation) -> Callable[[Params], TrainState]:
-    """init_state(params) -> TrainState at step 0 (the EMA target starts equal to the student)."""
+    """init_state(params) -> TrainState at step 0 (the EMAs start equal to the student)."""
     def init_state(params):
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype(config.model.param_dtype)), params)
         target = params if ema_decay(config) > 0 else None
+        slow = params if eval_ema_decay(config) > 0 else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, target_params=target,
-                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed), eval_params=slow)
     return init_state
 
 

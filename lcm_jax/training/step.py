@@ -12,11 +12,26 @@ import optax
 
 from lcm_jax.components import sdxl_text_embeddings, sdxl_time_ids
 from lcm_jax.losses import consistency, diffusion
-from lcm_jax.training.models import Models, make_model_fns, uses_w_embedding
-from lcm_jax.training.state import TrainState, ema_decay, loss_target, sampling_params, w_midpoint
+from lcm_jax.training.models import Models, make_model_fns, student_prediction, uses_w_embedding
+from lcm_jax.training.state import (TrainState, ema_decay, eval_ema_decay, loss_target, sampling_params,
+                                    w_midpoint)
 
 EVAL_SEED_OFFSET = 1       # the eval loss's fixed key: PRNGKey(config.seed + 1)
 ENDPOINT_SEED_OFFSET = 3   # the endpoint error's fixed key
+
+
+def consistency_config(config) -> consistency.ConsistencyConfig:
+    """The consistency loss's options from a run's config (LCD, LCM-LoRA, LCF, TCD, PCM)."""
+    lc = config.loss
+    return consistency.ConsistencyConfig(
+        num_ddim_timesteps=lc.num_ddim_timesteps, w_min=lc.w_min, w_max=lc.w_max,
+        w_embed_dim=config.model.time_cond_proj_dim if uses_w_embedding(config) else None,
+        loss_type=lc.loss_type, huber_c=lc.huber_c, sigma_data=lc.sigma_data,
+        timestep_scaling=lc.timestep_scaling, solver="data" if config.method == "lcf" else lc.solver,
+        timestep_weighting=lc.timestep_weighting,
+        method=config.method if config.method in consistency.METHODS else "lcd",
+        student_prediction=student_prediction(config), timestep_sampling=lc.timestep_sampling,
+        pcm_phases=lc.pcm_phases)
 
 
 def make_loss(config, models: Models):
@@ -24,12 +39,7 @@ def make_loss(config, models: Models):
     if config.method == "diffusion":
         return diffusion.make_diffusion_loss(student_fn, models.schedule)
     lc = config.loss
-    cfg = consistency.ConsistencyConfig(
-        num_ddim_timesteps=lc.num_ddim_timesteps, w_min=lc.w_min, w_max=lc.w_max,
-        w_embed_dim=config.model.time_cond_proj_dim if uses_w_embedding(config) else None,
-        loss_type=lc.loss_type, huber_c=lc.huber_c, sigma_data=lc.sigma_data,
-        timestep_scaling=lc.timestep_scaling, solver="data" if config.method == "lcf" else lc.solver,
-        timestep_weighting=lc.timestep_weighting)
+    cfg = consistency_config(config)
     if config.method == "lcf":
         cfg = dataclasses.replace(cfg, w_min=lc.lcf_w, w_max=lc.lcf_w)
     return consistency.make_consistency_loss(student_fn, teacher_fn, models.schedule, cfg)
@@ -92,7 +102,7 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
     loss_fn = make_loss(config, models)
     encode = make_encode(config, models)
     accum = config.optim.grad_accum_steps
-    decay = ema_decay(config)
+    decay, slow_decay = ema_decay(config), eval_ema_decay(config)
 
     def grads_of(params, target, frozen, batch, rng):
         target = loss_target(config, params, target)
@@ -124,9 +134,13 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
         target = state.target_params
         if decay > 0:
             target = consistency.ema_update(target, params, decay)
+        slow = state.eval_params
+        if slow_decay > 0:
+            slow = consistency.ema_update(slow, params, slow_decay)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
                    "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-        new = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state)
+        new = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state,
+                            eval_params=slow)
         return new, metrics
 
     return train_step
@@ -152,18 +166,14 @@ def make_eval_loss(config, models: Models) -> Callable:
 def make_eval_endpoint(config, models: Models) -> Optional[Callable]:
     """eval_endpoint(state, frozen, batch) -> (S,) one-step MSE to the teacher's ODE endpoint from
     each of config.eval_endpoint_timesteps (consistency.make_endpoint_error), for the network
-    that samples (the EMA target of LCD, else the trained parameters), at the middle of the
+    that samples (`sampling_params`), at the middle of the
     training guidance range and a fixed key. None when off or when there is no teacher."""
     starts = tuple(int(t) for t in config.get("eval_endpoint_timesteps", ()) or ())
-    if not starts or config.method not in ("lcd", "lcm_lora"):
+    if not starts or config.method not in ("lcd", "lcm_lora", "tcd"):
         return None
     student_fn, teacher_fn = make_model_fns(config, models)
-    lc = config.loss
-    cfg = consistency.ConsistencyConfig(
-        num_ddim_timesteps=lc.num_ddim_timesteps,
-        w_embed_dim=config.model.time_cond_proj_dim if uses_w_embedding(config) else None,
-        sigma_data=lc.sigma_data, timestep_scaling=lc.timestep_scaling)
-    error = consistency.make_endpoint_error(student_fn, teacher_fn, models.schedule, cfg, starts)
+    error = consistency.make_endpoint_error(student_fn, teacher_fn, models.schedule,
+                                            consistency_config(config), starts)
     encode = make_encode(config, models)
     key = jax.random.PRNGKey(config.seed + ENDPOINT_SEED_OFFSET)
     w = w_midpoint(config)
