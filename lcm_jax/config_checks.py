@@ -5,6 +5,7 @@ problem is one clause `field=value: what is allowed`; all of a config's problems
 together in one ConfigError."""
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Optional
 
@@ -180,10 +181,40 @@ def path_problems(config) -> list[str]:
     return out
 
 
+ENDPOINT_METHODS = ("lcd", "lcm_lora", "tcd")  # training.step.make_eval_endpoint
+
+
+def _num_train_timesteps(config) -> int:
+    """T of the teacher's scheduler config (diffusers' default 1000 without a readable one)."""
+    path = fs.join(config.model.teacher, "scheduler", "scheduler_config.json") if config.model.teacher else ""
+    try:
+        with fs.open(path) as f:
+            return int(json.load(f).get("num_train_timesteps", 1000))
+    except (OSError, ValueError):
+        return 1000
+
+
+def endpoint_problems(config) -> list[str]:
+    """eval_endpoint_timesteps on the skipping grid t_n, where the teacher's chain starts."""
+    from lcm_jax.losses.consistency import ddim_grid
+
+    starts, n = tuple(config.get("eval_endpoint_timesteps", ()) or ()), config.loss.num_ddim_timesteps
+    if not starts or config.method not in ENDPOINT_METHODS or not isinstance(n, int) or n < 1:
+        return []
+    T = _num_train_timesteps(config)
+    grid = ddim_grid(T, min(n, T)).tolist()
+    off = sorted(t for t in starts if t not in grid)
+    if not off:
+        return []
+    return [f"eval_endpoint_timesteps={starts}: {off} not on the skipping grid t_n = {grid[:3]}..{grid[-1]} "
+            f"(T={T}, loss.num_ddim_timesteps={n}); pick members of it"]
+
+
 def check_config(config, num_processes: int = 1, num_devices: int = 1) -> None:
     """Raises one ConfigError naming every problem of `config` (field, value, what is allowed)
     for a run over `num_processes` processes and `num_devices` devices; None when it can run."""
     problems = field_problems(config) + name_problems(config)
     problems += division_problems(config, num_processes, num_devices) + path_problems(config)
+    problems += endpoint_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))

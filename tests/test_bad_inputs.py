@@ -179,6 +179,9 @@ TRAINING = [  # (id, workdir, overrides (places' names in {}), the message)
     ("resume_other_unet", "run", dict(model__unet__block_out_channels=[32, 32]),
      r"it changes model\.unet \{.*\} -> \{.*\};"),
     ("workdir_is_file", "afile", {}, r"^--workdir .*afile: is a file; give a folder \(new or a run's\)$"),
+    ("endpoint_off_grid", "new", dict(eval_every=5, eval_endpoint_timesteps=(998, 999)),
+     r"^eval_endpoint_timesteps=\(998, 999\): \[998\] not on the skipping grid t_n = \[19, 39, 59\]\.\.999 "
+     r"\(T=1000, loss\.num_ddim_timesteps=50\); pick members of it$"),
 ]
 
 
