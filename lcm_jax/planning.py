@@ -184,6 +184,7 @@ class Plan:
     bytes_accessed: float = 0.0
     chip: Optional[Chip] = None
     refused: str = ""                    # the compiler's reason when it refused (out of memory)
+    compiled: Any = dataclasses.field(default=None, repr=False)  # runs on the target's devices
 
     @property
     def total_bytes(self) -> int:
@@ -236,7 +237,7 @@ def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
             raise
         plan.refused = str(e).strip().splitlines()[0]
         return plan
-    mem = compiled.memory_analysis()
+    plan.compiled, mem = compiled, compiled.memory_analysis()
     plan.argument_bytes, plan.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
     plan.alias_bytes, plan.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     cost = compiled.cost_analysis()
@@ -266,7 +267,7 @@ def search_batch(config, topology: str, limit: int = 4096) -> tuple[int, list[Pl
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.3f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def format_plan(plan: Plan) -> str:
