@@ -249,7 +249,10 @@ def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
 def search_batch(config, topology: str, limit: int = 4096) -> tuple[int, list[Plan]]:
     """The largest per-device batch whose step fits the chip's HBM, found by compiling: doubling
     from 1, then bisecting; (batch, the plans compiled on the way). 0 when batch 1 does not fit."""
-    n = len(target_devices(topology)[0])
+    devices, chip = target_devices(topology)
+    if chip is None:
+        raise ValueError(f"--search-batch: {topology} has no HBM figure to fit into; give a TPU topology")
+    n = len(devices)
     accum = config.optim.grad_accum_steps
     plans: list[Plan] = []
 

@@ -82,3 +82,18 @@ def test_a_config_that_does_not_fit_says_so():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "does not fit" in out.stdout, out.stdout
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_search_batch_doubles_then_bisects(monkeypatch):
+    from lcm_jax import planning
+    from lcm_jax.cli import load_config
+
+    chip = planning.CHIPS["v5e"]
+    monkeypatch.setattr(planning, "target_devices", lambda topology: ([None] * 4, chip))
+    # a step whose bytes grow with the batch: fits up to 5 examples per device
+    fake = lambda config, topology, batch: planning.Plan(topology, 4, batch, {}, {},
+                                                          temp_bytes=batch // 4 * chip.hbm_bytes // 5, chip=chip)
+    monkeypatch.setattr(planning, "plan_step", fake)
+    best, plans = planning.search_batch(load_config(os.path.join(ROOT, "configs/tiny_lcd.py")), "v5e-4")
+    assert best == 5
+    assert [p.batch_size // 4 for p in plans] == [1, 2, 4, 8, 6, 5]
