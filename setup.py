@@ -42,6 +42,7 @@ setup(
             "peft>=0.17",
             "pytest>=8",
             "gcp-storage-emulator>=2024.8",  # tests/gcs_emulator.py
+            "jax[tpu]>=0.10.2",  # libtpu: the planner's TPU compiler (tests/test_plan.py), no TPU needed
         ],
     },
     entry_points={"console_scripts": ["lcm-jax=lcm_jax.cli:main"]},
