@@ -16,8 +16,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
 
 from lcm_jax import schedules, sharding
 from lcm_jax.components import read_json
