@@ -39,7 +39,7 @@ import json
 from lcm_jax import planning
 from lcm_jax.cli import load_config
 
-plan = planning.plan_step(load_config("configs/tiny_lcd.py", ["mesh.data=2", "mesh.fsdp=2"]), "v5e-4")
+plan = planning.plan_step(load_config("configs/tiny_lcd.py"), "v5e-4")
 chip = planning.CHIPS["v5e"]
 print(json.dumps({"fits": plan.fits, "flops": plan.flops, "bytes": plan.bytes_accessed,
                   "step_time": plan.step_time, "peak": chip.peak_bf16_flops, "bw": chip.hbm_bandwidth,
@@ -47,7 +47,7 @@ print(json.dumps({"fits": plan.fits, "flops": plan.flops, "bytes": plan.bytes_ac
 """
 
 
-def _python(code: str, devices: int = 1, args=(), timeout=900) -> subprocess.CompletedProcess:
+def _python(code: str, devices: int = 1, args=(), timeout=1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "lcm_jax.cli", *args]
