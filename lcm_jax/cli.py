@@ -5,6 +5,7 @@
     lcm-jax export  --workdir runs/x --out DIR [--weights sampling|ema|eval_ema|online] [--lora-format peft|kohya]
     lcm-jax cache   --config CONFIG --out DIR         # encode a dataset once: an on-disk latent cache
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
+    lcm-jax plan    --config CONFIG --topology v5e-16 [--search-batch]  # bytes, FLOPs, step time
 
 Bad input (a missing folder, a wrong key, a bad size) prints one line `lcm-jax <cmd>: error: ...`
 and exits with status 2; `--debug` (or LCM_JAX_DEBUG=1) shows the traceback.
@@ -312,6 +313,26 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 # =============================================================================================
+# plan
+# =============================================================================================
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Compiles the config's train step for a target (no TPU needed) and prints its per-device
+    bytes, FLOPs, roofline step time; with --search-batch the largest per-device batch that fits."""
+    from lcm_jax import planning
+
+    config = load_config(args.config, args.set)
+    t0 = time.time()
+    print(planning.format_plan(planning.plan_step(config, args.topology, args.batch_size)), flush=True)
+    print(f"compiled in {time.time() - t0:.1f}s")
+    if args.search_batch:
+        best, plans = planning.search_batch(config, args.topology)
+        tried = ", ".join(f"{p.batch_size // p.devices}:{'fits' if p.fits else 'no'}" for p in plans)
+        print(f"largest per-device batch that fits: {best} (tried {tried})")
+
+
+# =============================================================================================
 # eval
 # =============================================================================================
 
@@ -435,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-format", choices=sorted(LORA_WRITERS), default="peft",
                    help="LoRA runs: PEFT/diffusers keys or kohya/A1111 keys")
 
+    p = sub.add_parser("plan", help="compile the train step for a TPU slice or cpu:N; bytes, FLOPs, step time", **fmt)
+    p.add_argument("--config", required=True, help="training config file, path.py[:arg]")
+    p.add_argument("--topology", required=True, help="v5e-16, v5p-8, v4-32, v6e-8 (also v5e-4, v5e-8) or cpu:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set model.remat=False (repeatable)")
+    p.add_argument("--batch_size", type=int, default=None, help="global batch (default: the config's)")
+    p.add_argument("--search-batch", action="store_true",
+                   help="also find the largest per-device batch that fits, by compiling")
+
     v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)", **fmt)
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")
     v.add_argument("--lcm", required=True, help="LCM pipeline folder (e.g. from lcm-jax export)")
@@ -454,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "sample": cmd_sample, "convert": cmd_convert, "export": cmd_export, "eval": cmd_eval,
-    "cache": cmd_cache}
+    "cache": cmd_cache, "plan": cmd_plan}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -73,38 +73,54 @@ def make_input(config, models: Models, frozen: dict) -> Source:
     return source
 
 
+class StepParts(NamedTuple):
+    """The update step and what it is compiled against: shared by the trainer and the planner
+    (`lcm_jax.planning`), which passes abstract params (ShapeDtypeStructs) instead of values."""
+    init_state: Callable      # params -> TrainState at step 0
+    state_shapes: Any         # the TrainState as ShapeDtypeStructs
+    state_sh: Any             # NamedShardings of the state
+    frozen_sh: Any            # NamedShardings of the frozen weights
+    step_fn: Callable         # jitted train_step(state, frozen, batch) -> (state, metrics)
+
+
+def build_step(config, models: Models, frozen: dict, mesh: Mesh) -> StepParts:
+    """The jitted update step with the shardings of its state, frozen weights and batch."""
+    tx, lr_fn = make_optimizer(config)
+    init_state = make_init_state(config, tx)
+    rules = [tuple(r) for r in config.sharding.rules]
+    state_shapes = jax.eval_shape(init_state, models.init_params)
+    state_sh = sharding.named(mesh, sharding.param_specs(state_shapes, mesh, rules))
+    frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))
+    step_fn = jax.jit(make_train_step(config, models, tx, lr_fn), donate_argnums=(0,),
+                      in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_sh, sharding.replicated(mesh)))
+    return StepParts(init_state, state_shapes, state_sh, frozen_sh, step_fn)
+
+
 def setup(config, mesh: Mesh) -> Setup:
     """Model, input, shardings and the jitted step; nothing trained yet."""
     # ------------------------------------------------------------------ Model
     models = build_models(config)
-    tx, lr_fn = make_optimizer(config)
-    init_state = make_init_state(config, tx)
 
     # ------------------------------------------------------------------ Input
     frozen = dict(models.frozen)
     source = make_input(config, models, frozen)
 
-    # ------------------------------------------------------------------ Shard
-    rules = [tuple(r) for r in config.sharding.rules]
-    state_sh = sharding.named(mesh, sharding.param_specs(jax.eval_shape(init_state, models.init_params),
-                                                         mesh, rules))
-    frozen_sh = sharding.named(mesh, sharding.param_specs(frozen, mesh, rules))
+    # ------------------------------------------------------------------ Shard / Update step
+    parts = build_step(config, models, frozen, mesh)
     sharding.barrier("lcm_jax_setup")
-    frozen = sharding.put_global(frozen, frozen_sh)
-    state = jax.jit(init_state, out_shardings=state_sh)(sharding.put_global(models.init_params, state_sh.params))
-
-    # ------------------------------------------------------------------ Update step
-    step_fn = jax.jit(make_train_step(config, models, tx, lr_fn), donate_argnums=(0,),
-                      in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_sh, sharding.replicated(mesh)))
+    frozen = sharding.put_global(frozen, parts.frozen_sh)
+    state = jax.jit(parts.init_state, out_shardings=parts.state_sh)(
+        sharding.put_global(models.init_params, parts.state_sh.params))
     eval_fn = jax.jit(make_eval_loss(config, models), out_shardings=sharding.replicated(mesh))
     endpoint_fn = make_eval_endpoint(config, models)
     if endpoint_fn is not None:
         endpoint_fn = jax.jit(endpoint_fn, out_shardings=sharding.replicated(mesh))
-    return Setup(models, state, state_sh, frozen, step_fn, eval_fn, endpoint_fn, source)
+    return Setup(models, state, parts.state_sh, frozen, parts.step_fn, eval_fn, endpoint_fn, source)
 
 
-def _abstract(tree, shardings):
+def abstract(tree, shardings) -> Any:
+    """A tree of arrays or ShapeDtypeStructs as ShapeDtypeStructs carrying `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -147,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # ------------------------------------------------------------------ Checkpoint
     mngr = checkpoints.checkpoint_manager(workdir, config)
-    restored = checkpoints.restore_checkpoint(mngr, _abstract(s.state, s.state_sh))
+    restored = checkpoints.restore_checkpoint(mngr, abstract(s.state, s.state_sh))
     state = restored if restored is not None else s.state
     start = int(state.step)
     if restored is not None:
@@ -156,7 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------ Compile before data
     batch0 = batch_at(start)
     t0 = time.time()
-    step_fn = step_fn.lower(state, s.frozen, batch0).compile()
+    with jax.set_mesh(mesh):  # attention kernels split the batch over it (layers.dot_product_attention)
+        step_fn = step_fn.lower(state, s.frozen, batch0).compile()
     main_process_print(f"compiled train step in {time.time() - t0:.1f}s; mesh {dict(mesh.shape)}; "
                        f"{jax.device_count()} devices, {jax.process_count()} processes")
 

@@ -6,6 +6,7 @@ mechanical renaming (see ``lcm_jax.convert.common``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -19,7 +20,8 @@ Dtype = jnp.dtype
 # Attention: the one function every model calls, so the implementation can be swapped.
 # ---------------------------------------------------------------------------------------------
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "blocked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "blocked", "cudnn", "splash")
+SPLASH_LANES = 128  # the TPU vector lane count: splash wants head_dim and token blocks in these
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -82,14 +84,76 @@ def _online_softmax_attention(qb: jax.Array, kv_blocks: tuple[jax.Array, jax.Arr
     return (out / row_sum).astype(dtype)
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _splash_block(n: int) -> int:
+    return next(b for b in (512, 256, SPLASH_LANES) if n % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    bq, bkv = _splash_block(q_len), _splash_block(kv_len)
+    blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                           block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = sm.MultiHeadMask([sm.FullMask((q_len, kv_len)) for _ in range(heads)])
+    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, scale, interpret: bool):
+    """Pallas splash attention (TPU; interpret mode elsewhere). Head dims the kernel cannot take
+    (40, 80) are zero-padded to a multiple of 128 (exact: zeros add nothing to q.k, and the
+    padded output columns are dropped) with the scale of the original head dim; token counts
+    are padded to a multiple of 128, padded keys masked out by segment ids."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    (b, n, h, d), m, dv = q.shape, k.shape[1], v.shape[-1]
+    dp, np_, mp = _round_up(max(d, dv), SPLASH_LANES), _round_up(n, SPLASH_LANES), _round_up(m, SPLASH_LANES)
+
+    def heads_major(x, tokens):  # (B, T, H, D) -> (B, H, tokens, dp), zero-padded
+        x = jnp.pad(x, ((0, 0), (0, tokens - x.shape[1]), (0, 0), (0, dp - x.shape[-1])))
+        return jnp.swapaxes(x, 1, 2)
+
+    q = q * jnp.asarray(scale, q.dtype)
+    qh, kh, vh = heads_major(q, np_), heads_major(k, mp), heads_major(v, mp)
+    segments = sk.SegmentIds(q=jnp.ones((b, np_), jnp.int32),
+                             kv=jnp.broadcast_to((jnp.arange(mp) < m).astype(jnp.int32), (b, mp)))
+    kernel = _splash_kernel(h, np_, mp, interpret)
+    out = _over_batch_shards(lambda *a: jax.vmap(kernel)(*a), qh, kh, vh, segments)
+    return jnp.swapaxes(out, 1, 2)[:, :n, :, :dv]
+
+
+def _over_batch_shards(f, *args):
+    """f on each device's examples (shard_map over every axis of the mesh in context): a Pallas
+    kernel is not partitioned by XLA, so a batch split over the mesh is handed to it by hand."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return f(*args)
+    spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
+
+
+def _platform() -> str:
+    """The platform being compiled for: the devices of the mesh in context (a TPU topology
+    planned from a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: Optional[jax.Array] = None,
                           scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
     """Softmax attention on (batch, tokens, heads, head_dim) arrays; softmax in float32.
 
     `mask` broadcasts to (batch, heads, q_tokens, k_tokens); True means "attend". `implementation`
-    (a field of the model that calls this): 'auto' picks cuDNN flash attention on GPU (half
-    precision), blocked attention on CPU for long sequences, and the XLA formulation elsewhere.
+    (a field of the model that calls this): 'auto' picks Pallas splash attention on TPU (when
+    the batch divides the mesh in context), cuDNN flash attention on GPU (half precision),
+    blocked attention on CPU for long sequences, and the XLA formulation elsewhere. On a TPU
+    mesh, splash needs that mesh in context (`jax.set_mesh`) to split the batch over it.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose one of "
@@ -97,7 +161,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     impl = implementation
     if impl == "auto":
-        impl = _auto_implementation(q, k)
+        impl = _auto_implementation(q, k, mask)
+    if impl == "splash":
+        if mask is not None:
+            raise ValueError("attention implementation 'splash' takes no mask; use 'xla'")
+        return _splash_attention(q, k, v, scale, interpret=_platform() != "tpu")
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if impl == "chunked":
@@ -107,8 +175,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return _xla_attention(q, k, v, mask, scale)
 
 
-def _auto_implementation(q: jax.Array, k: jax.Array) -> str:
-    backend = jax.default_backend()
+def _auto_implementation(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> str:
+    backend = _platform()
+    if backend == "tpu":  # splash needs the batch split over the mesh in context, or one device
+        mesh = jax.sharding.get_abstract_mesh()
+        splits = jax.device_count() == 1 if mesh.empty else q.shape[0] % mesh.size == 0
+        return "splash" if mask is None and splits else "xla"
     if backend == "gpu" and q.dtype != jnp.float32:
         return "cudnn"
     if backend == "cpu" and q.shape[1] * k.shape[1] >= 1024 * 1024:

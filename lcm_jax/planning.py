@@ -1,0 +1,299 @@
+"""Know before you rent: the real train step compiled ahead of time for a target slice.
+
+    lcm-jax plan --config configs/sd15_lcd.py:FOLDER --topology v5e-16 [--search-batch]
+
+The step is the trainer's own (`train.build_step`: the same function, shardings and mesh),
+lowered on abstract inputs (ShapeDtypeStructs carrying NamedShardings over the target's
+devices) and compiled by XLA for that target: a TPU slice through libtpu's compile-only devices
+(`jax.experimental.topologies`, no TPU needed), or `cpu:N` host devices. Nothing is allocated and
+no weight is read: a pipeline folder's config files are enough (see README, "Planning a run").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lcm_jax import schedules, sharding
+from lcm_jax.components import read_json
+from lcm_jax.config_checks import division_problems, field_problems, name_problems
+from lcm_jax.convert.clip import _module_class
+from lcm_jax.convert.common import eval_shapes, read_config
+from lcm_jax.convert.unet import unet_shapes
+from lcm_jax.convert.vae import vae_param_shapes
+from lcm_jax.errors import ConfigError
+from lcm_jax.models import lora as lora_lib
+from lcm_jax.models.unet import UNet2DConditionModel
+from lcm_jax.models.vae import AutoencoderKL
+from lcm_jax.train import abstract, build_step
+from lcm_jax.training.models import Models, dtype, uses_w_embedding
+
+GiB = 2 ** 30
+
+
+class Chip(NamedTuple):
+    """One accelerator chip's public figures (one JAX device per chip)."""
+    peak_bf16_flops: float    # FLOP/s, dense bf16
+    hbm_bytes: float
+    hbm_bandwidth: float      # bytes/s
+    source: str
+
+
+CHIPS = {
+    "v4": Chip(275e12, 32 * GiB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(197e12, 16 * GiB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(459e12, 95e9, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(918e12, 32 * GiB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+# Slice name -> (chip, libtpu topology name, get_topology_desc options). The number in a slice
+# name counts TensorCores: v4 and v5p have two per chip (one megacore device), v5e and v6e one.
+TOPOLOGIES = {
+    "v5e-4": ("v5e", "v5e:2x2", {}), "v5e-8": ("v5e", "v5e:2x4", {}),
+    "v5e-16": ("v5e", "v5e:4x4", {}), "v5p-8": ("v5p", "v5p:2x2x1", {}),
+    "v4-32": ("v4", "v4:2x2x4", {"chip_config_name": "megacore"}), "v6e-8": ("v6e", "v6e:2x4", {}),
+}
+
+
+def target_devices(topology: str) -> tuple[list, Optional[Chip]]:
+    """The devices of a target ('v5e-16', ..., or 'cpu:N') and its chip (None for CPU)."""
+    if topology.startswith("cpu:"):
+        n = int(topology[4:]) if topology[4:].isdigit() else 0
+        have = jax.devices("cpu")
+        if n < 1 or n > len(have):
+            raise ValueError(f"--topology {topology}: this process has {len(have)} CPU devices; use "
+                             f"cpu:1..{len(have)} or set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+        return have[:n], None
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"--topology {topology}: unknown; choose one of {sorted(TOPOLOGIES)} or cpu:N")
+    chip, name, options = TOPOLOGIES[topology]
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM here: compile only
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several plans may run at once
+    try:
+        from jax.experimental import topologies
+        devices = topologies.get_topology_desc(name, "tpu", **options).devices
+    except (RuntimeError, ImportError) as e:  # libtpu missing: "Unable to initialize backend 'tpu'"
+        raise ValueError(f"--topology {topology}: cannot compile for TPU here ({str(e).splitlines()[0]}); "
+                         "install libtpu: pip install 'jax[tpu]'") from e
+    return list(devices), CHIPS[chip]
+
+
+# ---------------------------------------------------------------------------------------------
+# The models and inputs of a run, as shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def _cast(tree, dt) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
+
+
+def _folder_parts(folder: str, compute) -> dict:
+    """VAE, text encoder(s) and schedule of a pipeline folder from its config files alone."""
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise FileNotFoundError(f"model.teacher={folder!r}: no model_index.json; the planner reads only "
+                                "a pipeline folder's config files (huggingface-cli download ID "
+                                "--include '*.json' --local-dir DIR)")
+    index = read_json(os.path.join(folder, "model_index.json"), "a pipeline folder needs one")
+    vae = AutoencoderKL.from_config(read_config(os.path.join(folder, "vae")), dtype=compute)
+    out = {"vae": vae, "vae_params": _cast(vae_param_shapes(vae), compute),
+           "schedule": schedules.NoiseSchedule.from_scheduler_config(
+               read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), "a pipeline folder needs scheduler/"))}
+    for name in ("text_encoder", "text_encoder_2"):
+        if name == "text_encoder" or (index.get(name) or [None])[0]:
+            path = os.path.join(folder, name)
+            cfg = read_config(path)
+            te = _module_class(cfg, path).from_config(cfg, dtype=compute)
+            ids = jnp.zeros((1, te.config.max_position_embeddings), jnp.int32)
+            out[name], out[name + "_params"] = te, _cast(eval_shapes(te, ids), compute)
+    return out
+
+
+def abstract_models(config) -> Models:
+    """`training.models.build_models` as shapes: the same modules (remat, dtypes, the student's
+    w-embedding or LoRA factors) with ShapeDtypeStruct params; no weight is read or made."""
+    mc = config.model
+    compute = dtype(mc.compute_dtype)
+    folder = mc.teacher or mc.components
+    parts = _folder_parts(folder, compute) if folder else {"schedule": schedules.NoiseSchedule(
+        prediction_type=mc.prediction_type)}
+    unet_cfg = read_config(os.path.join(mc.teacher, "unet")) if mc.teacher else dict(mc.unet.to_dict())
+    teacher = UNet2DConditionModel.from_config(unet_cfg, dtype=compute, remat=mc.remat)
+    teacher_params = _cast(unet_shapes(teacher), compute if mc.teacher else jnp.float32)
+    student, init = teacher, teacher_params
+    if uses_w_embedding(config):
+        student = teacher.clone(config=dataclasses.replace(teacher.config, time_cond_proj_dim=mc.time_cond_proj_dim))
+        init = _cast(unet_shapes(student), jax.tree.leaves(teacher_params)[0].dtype)
+    frozen = {k: parts[k + "_params"] for k in ("vae", "text_encoder", "text_encoder_2") if k in parts}
+    if config.method == "lcm_lora":
+        frozen["teacher"] = teacher_params
+        lora = lora_lib.init_lora(jax.random.PRNGKey(0), teacher_params, config.lora.rank)
+        init = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora)
+    elif config.method == "lcd":
+        frozen["teacher"] = _cast(teacher_params, dtype(mc.teacher_dtype))
+    keep_teacher = config.method in ("lcd", "lcm_lora")
+    return Models(student, init, teacher if keep_teacher else None, frozen, parts["schedule"],
+                  parts.get("vae"), parts.get("text_encoder"), None, parts.get("text_encoder_2"), None)
+
+
+def _reads_images(config, models: Models) -> bool:
+    return (models.text_encoder is not None and config.data.source != "synthetic"
+            and not config.data.cache_dir and not config.data.cache_size)
+
+
+def abstract_inputs(config, models: Models) -> tuple[dict, dict]:
+    """(frozen with the unconditional embeddings, one global batch) as ShapeDtypeStructs: raw
+    pixels and token ids for sources that read images, else latents and text embeddings."""
+    b, n, ucfg = config.batch_size, config.data.text_len, models.unet.config
+    frozen = dict(models.frozen)
+    frozen["uncond_embeds"] = jax.ShapeDtypeStruct((1, n, ucfg.cross_attention_dim[0]), jnp.float32)
+    if not _reads_images(config, models):
+        s = config.data.latent_size
+        return frozen, {"latents": jax.ShapeDtypeStruct((b, s, s, ucfg.in_channels), jnp.float32),
+                        "prompt_embeds": jax.ShapeDtypeStruct((b, n, ucfg.cross_attention_dim[0]), jnp.float32)}
+    if models.text_encoder_2 is None:
+        frozen["uncond_embeds"] = jax.ShapeDtypeStruct((1, n, models.text_encoder.config.hidden_size),
+                                                       dtype(config.model.compute_dtype))
+    r = config.data.resolution
+    ids = (b, 2, n) if models.text_encoder_2 is not None else (b, n)
+    return frozen, {"pixel_values": jax.ShapeDtypeStruct((b, r, r, 3), jnp.float32),
+                    "input_ids": jax.ShapeDtypeStruct(ids, jnp.int32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reading the figures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device figures of one compiled train step."""
+    topology: str
+    devices: int
+    batch_size: int                      # global
+    state_bytes: dict[str, int]          # params, opt_state, target_params
+    frozen_bytes: dict[str, int]         # teacher, vae, text_encoder(_2), uncond_embeds
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    chip: Optional[Chip] = None
+    refused: str = ""                    # the compiler's reason when it refused (out of memory)
+    compiled: Any = dataclasses.field(default=None, repr=False)  # runs on the target's devices
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak device memory of the step: inputs + outputs (less donated) + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> Optional[bool]:
+        if self.refused:
+            return False
+        return None if self.chip is None else self.total_bytes <= self.chip.hbm_bytes
+
+    @property
+    def step_time(self) -> Optional[float]:
+        """Roofline: the slower of compute at peak and HBM traffic at full bandwidth."""
+        if self.chip is None or self.refused:
+            return None
+        return max(self.flops / self.chip.peak_bf16_flops, self.bytes_accessed / self.chip.hbm_bandwidth)
+
+
+def _is_oom(e: Exception) -> bool:
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
+    """Compiles the config's train step for `topology` and reads its per-device figures."""
+    devices, chip = target_devices(topology)
+    config = config.copy_and_resolve_references()
+    if batch_size is not None:
+        config.batch_size = batch_size
+    problems = field_problems(config) + division_problems(config, 1, len(devices)) + name_problems(config)
+    if problems:
+        raise ConfigError(f"config for {topology}: {problems[0]}")
+    models = abstract_models(config)
+    frozen, batch = abstract_inputs(config, models)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    parts = build_step(config, models, frozen, mesh)
+    state = abstract(parts.state_shapes, parts.state_sh)
+    plan = Plan(topology, len(devices), config.batch_size,
+                {k: sharding.per_device_bytes(getattr(state, k), getattr(parts.state_sh, k))
+                 for k in ("params", "opt_state", "target_params")},
+                {k: sharding.per_device_bytes(v, parts.frozen_sh[k]) for k, v in frozen.items()}, chip=chip)
+    batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
+    try:
+        with jax.set_mesh(mesh):  # 'auto' attention resolves for the target's platform
+            compiled = parts.step_fn.lower(state, abstract(frozen, parts.frozen_sh), batch).compile()
+    except Exception as e:  # XLA's out-of-memory refusal is a figure, anything else an error
+        if not _is_oom(e):
+            raise
+        plan.refused = str(e).strip().splitlines()[0]
+        return plan
+    plan.compiled, mem = compiled, compiled.memory_analysis()
+    plan.argument_bytes, plan.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    plan.alias_bytes, plan.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    plan.flops, plan.bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return plan
+
+
+def search_batch(config, topology: str, limit: int = 4096) -> tuple[int, list[Plan]]:
+    """The largest per-device batch whose step fits the chip's HBM, found by compiling: doubling
+    from 1, then bisecting; (batch, the plans compiled on the way). 0 when batch 1 does not fit."""
+    devices, chip = target_devices(topology)
+    if chip is None:
+        raise ValueError(f"--search-batch: {topology} has no HBM figure to fit into; give a TPU topology")
+    n = len(devices)
+    accum = config.optim.grad_accum_steps
+    plans: list[Plan] = []
+
+    def fits(b: int) -> bool:
+        plans.append(plan_step(config, topology, b * n * accum))
+        return bool(plans[-1].fits)
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * accum, plans
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.2f} MiB"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the lines `lcm-jax plan` prints."""
+    per = plan.batch_size // plan.devices
+    lines = [f"target {plan.topology}: {plan.devices} devices, global batch {plan.batch_size} "
+             f"({per} per device)", "per device:"]
+    for k, v in {**plan.state_bytes, **{f"frozen {k}": v for k, v in plan.frozen_bytes.items()}}.items():
+        lines.append(f"  {k:<28}{_gib(v)}")
+    if plan.refused:
+        hbm = _gib(plan.chip.hbm_bytes) if plan.chip else "memory"
+        return "\n".join(lines + [f"does not fit: the compiler refused the step ({hbm} per chip): {plan.refused}"])
+    lines += [f"  {'XLA arguments':<28}{_gib(plan.argument_bytes)}",
+              f"  {'XLA outputs':<28}{_gib(plan.output_bytes)} ({_gib(plan.alias_bytes)} donated)",
+              f"  {'XLA temporaries':<28}{_gib(plan.temp_bytes)}",
+              f"  {'step total':<28}{_gib(plan.total_bytes)}",
+              f"  {'FLOPs per step':<28}{plan.flops / 1e12:.3f} TFLOP",
+              f"  {'bytes accessed per step':<28}{_gib(plan.bytes_accessed)}"]
+    if plan.chip is None:
+        return "\n".join(lines + ["fits: n/a (no HBM figure for CPU devices); roofline: n/a"])
+    fit = "yes" if plan.fits else "NO: does not fit"
+    t = plan.step_time
+    lines += [f"fits in HBM ({_gib(plan.chip.hbm_bytes)}): {fit}",
+              f"roofline step time: {t * 1e3:.1f} ms (peak {plan.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, "
+              f"{plan.chip.hbm_bandwidth / 1e9:.0f} GB/s; {plan.chip.source})",
+              f"MFU at that time: {plan.flops / (t * plan.chip.peak_bf16_flops):.1%} "
+              "(XLA's FLOPs, remat recompute included)"]
+    return "\n".join(lines)
