@@ -43,7 +43,6 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",  # `make test` runs the suite on two workers
             "gcp-storage-emulator>=2024.8",  # tests/gcs_emulator.py
-            "jax[tpu]>=0.10.2",  # libtpu: the planner's TPU compiler (tests/test_plan.py), no TPU needed
         ],
     },
     entry_points={"console_scripts": ["lcm-jax=lcm_jax.cli:main"]},

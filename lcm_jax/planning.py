@@ -11,6 +11,7 @@ no weight is read: a pipeline folder's config files are enough (see README, "Pla
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -57,6 +58,22 @@ TOPOLOGIES = {
 }
 
 
+LIBTPU_DIR = os.environ.get("LCM_JAX_LIBTPU_DIR", os.path.expanduser("~/.cache/lcm_jax/libtpu"))
+
+
+def libtpu_path() -> Optional[str]:
+    """libtpu.so for compiling to TPU: $TPU_LIBRARY_PATH, the `libtpu` package (`pip install
+    'jax[tpu]'`), or a copy under LIBTPU_DIR (`make libtpu`: outside site-packages, so that no
+    other process on a machine without TPUs loads it and prints libtpu's start-up errors)."""
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        return os.environ["TPU_LIBRARY_PATH"]
+    spec = importlib.util.find_spec("libtpu")
+    if spec is not None and spec.origin:
+        return os.path.join(os.path.dirname(spec.origin), "libtpu.so")
+    local = os.path.join(LIBTPU_DIR, "libtpu", "libtpu.so")
+    return local if os.path.isfile(local) else None
+
+
 def target_devices(topology: str) -> tuple[list, Optional[Chip]]:
     """The devices of a target ('v5e-16', ..., or 'cpu:N') and its chip (None for CPU)."""
     if topology.startswith("cpu:"):
@@ -69,14 +86,19 @@ def target_devices(topology: str) -> tuple[list, Optional[Chip]]:
     if topology not in TOPOLOGIES:
         raise ValueError(f"--topology {topology}: unknown; choose one of {sorted(TOPOLOGIES)} or cpu:N")
     chip, name, options = TOPOLOGIES[topology]
+    path = libtpu_path()
+    if path is None:
+        raise ValueError(f"--topology {topology}: no libtpu to compile for TPU with; run `make libtpu` "
+                         f"(installs it to {LIBTPU_DIR}) or pip install 'jax[tpu]'")
+    os.environ["TPU_LIBRARY_PATH"] = path  # read when the TPU plugin loads
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM here: compile only
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several plans may run at once
     try:
         from jax.experimental import topologies
         devices = topologies.get_topology_desc(name, "tpu", **options).devices
-    except (RuntimeError, ImportError) as e:  # libtpu missing: "Unable to initialize backend 'tpu'"
-        raise ValueError(f"--topology {topology}: cannot compile for TPU here ({str(e).splitlines()[0]}); "
-                         "install libtpu: pip install 'jax[tpu]'") from e
+    except (RuntimeError, ImportError) as e:
+        raise ValueError(f"--topology {topology}: cannot compile for TPU here with {path} "
+                         f"({str(e).splitlines()[0]})") from e
     return list(devices), CHIPS[chip]
 
 

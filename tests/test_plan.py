@@ -1,6 +1,5 @@
 """`lcm-jax plan`: the compiled train step's figures against the live arrays of a real run, the
 TPU path (libtpu's compile-only devices), and the "does not fit" answer."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,8 +8,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-NO_LIBTPU = "libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler to plan with"
+from lcm_jax.planning import libtpu_path
+
+HAS_LIBTPU = libtpu_path() is not None
+NO_LIBTPU = "no libtpu (`make libtpu` or pip install 'jax[tpu]'): no TPU compiler to plan with"
 
 # Per device (device 0): the planner's bytes, then the live arrays' after init and after one step
 # of the planner's own executable (which accepts only arrays of the shardings it was planned for).
