@@ -1,7 +1,7 @@
-"""`lcm-jax` command line (sample, convert, export, eval) and the Colab notebook.
+"""`lcm-jax` command line (sample, convert, export, eval).
 
-The tiny pipeline is sampled at batch 2, 4 LCM steps, 64x64 everywhere so that the notebook and
-the second sample call reuse the first one's compiled program from the persistent cache.
+The tiny pipeline is sampled at batch 2, 4 LCM steps, 64x64 everywhere so that the second sample
+call reuses the first one's compiled program from the persistent cache.
 """
 import json
 import os
@@ -22,7 +22,6 @@ import lcm_jax
 from lcm_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(REPO, "experiments", "colab_sample.ipynb")
 SIZE = ["--height", "64", "--width", "64", "--steps", "4"]
 
 
@@ -282,45 +281,3 @@ def test_lcm_scheduler_config_from_teacher():
     assert out == {"_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                    "beta_schedule": "scaled_linear", "steps_offset": 1,
                    "original_inference_steps": 50, "timestep_scaling": 10.0}
-
-
-# ---------------------------------------------------------------------------------------------
-# The Colab notebook
-# ---------------------------------------------------------------------------------------------
-
-
-def _code_cells() -> list[str]:
-    with open(NOTEBOOK) as f:
-        nb = json.load(f)
-    assert nb["nbformat"] == 4 and nb["cells"]
-    for cell in nb["cells"]:
-        assert cell["cell_type"] in ("code", "markdown")
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [] and cell["execution_count"] is None  # no stored outputs
-    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-
-
-def test_notebook_is_valid_and_compiles():
-    cells = _code_cells()
-    for i, src in enumerate(cells):
-        compile(src, f"colab_sample.ipynb[code {i}]", "exec")
-    assert any("LCMPipeline.from_pretrained(MODEL_DIR)" in src for src in cells)
-    try:
-        import nbformat
-    except ImportError:
-        return
-    nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
-
-
-def test_notebook_runs_on_the_tiny_pipeline(folder, capsys):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    scope: dict = {}
-    overrides = {"MODEL_DIR": folder, "HEIGHT": 64, "WIDTH": 64, "PROMPTS": ["a red circle", "a blue star"]}
-    for src in _code_cells():
-        exec(compile(src, NOTEBOOK, "exec"), scope)
-        if "MODEL_DIR" in scope and scope["MODEL_DIR"] != folder:
-            scope.update(overrides)
-    assert scope["images"].shape == (2, 64, 64, 3)
-    assert "second call" in capsys.readouterr().out

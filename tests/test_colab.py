@@ -22,6 +22,16 @@ def code_cells():
     return [("".join(c["source"]), c["metadata"].get("tags", [])) for c in cells if c["cell_type"] == "code"]
 
 
+def test_notebook_is_format_4_without_stored_outputs():
+    with open(NOTEBOOK) as f:
+        nb = json.load(f)
+    assert nb["nbformat"] == 4 and nb["cells"]
+    for cell in nb["cells"]:
+        assert cell["cell_type"] in ("code", "markdown"), cell["cell_type"]
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
 def test_notebook_runs_on_the_bundled_teacher(monkeypatch):
     import matplotlib
 
