@@ -213,10 +213,17 @@ def _train_semi_linear(method, n_grid, phases, steps):
     """Trains the affine student from the teacher with make_consistency_loss (l2, EMA 0.95)."""
     schedule, abar, scale0, shift0 = _setup()
     teacher_params = {"scale": scale0, "shift": shift0}
-    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
-    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
     cfg = ConsistencyConfig(num_ddim_timesteps=n_grid, w_min=0.0, w_max=0.0, w_embed_dim=None,
                             loss_type="l2", method=method, pcm_phases=phases)
+    target = _fit(cfg, schedule, teacher_params, dict(teacher_params), steps)
+    return {k: np.asarray(v, np.float64) for k, v in target.items()}
+
+
+def _fit(cfg, schedule, teacher_params, params, steps):
+    """`steps` Adam steps (lr 3e-3, batch 256) of make_consistency_loss on the affine student from
+    the affine teacher over the Gaussian data; returns the EMA target (decay 0.95)."""
+    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
+    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
     loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
     tx, b = optax.adam(3e-3), 256
     text = jnp.zeros((b, 1, 1))
@@ -231,11 +238,10 @@ def _train_semi_linear(method, n_grid, phases, steps):
         params = optax.apply_updates(params, updates)
         return params, ema_update(target, params, 0.95), opt
 
-    params = dict(teacher_params)
     target, opt = params, tx.init(params)
     for i in range(steps):
         params, target, opt = step(params, target, opt, jax.random.PRNGKey(100 + i))
-    return {k: np.asarray(v, np.float64) for k, v in target.items()}
+    return target
 
 
 def _rms_to(p, q, pf, qf, a, ts):
@@ -306,23 +312,8 @@ def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling)
     else:                     # v = ra eps - rs x0
         init = {"scale": ra * p0 - rs * (1 - rs * p0) / ra, "shift": ra * q0 + rs * rs * q0 / ra}
     teacher_params = {"scale": scale0, "shift": shift0}
-    teacher_fn = lambda _, frozen, z, t, text, w, added: _affine(teacher_params, z, t)
-    student_fn = lambda p, frozen, z, t, text, w, added: _affine(p, z, t)
     cfg = ConsistencyConfig(num_ddim_timesteps=10, w_min=0.0, w_max=0.0, w_embed_dim=None, loss_type="l2",
                             student_prediction=student, timestep_sampling=sampling)
-    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
-    tx, b = optax.adam(3e-3), 256
-    text = jnp.zeros((b, 1, 1))
-
-    @jax.jit
-    def step(params, target, opt, key):
-        k_data, k_loss = jax.random.split(key)
-        batch = {"latents": MU + S * jax.random.normal(k_data, (b,) + SHAPE), "prompt_embeds": text,
-                 "uncond_embeds": text}
-        grads = jax.grad(lambda p: loss_fn(p, target, None, batch, k_loss)[0])(params)
-        updates, opt = tx.update(grads, opt, params)
-        params = optax.apply_updates(params, updates)
-        return params, ema_update(target, params, 0.95), opt
 
     g = extended_grid(1000, 10)
     z = jax.random.normal(jax.random.PRNGKey(1), (256,) + SHAPE)
@@ -341,9 +332,6 @@ def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling)
 
     params = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
     err0 = error(params)
-    target, opt = params, tx.init(params)
-    for i in range(500):
-        params, target, opt = step(params, target, opt, jax.random.PRNGKey(100 + i))
-    err = error(target)
+    err = error(_fit(cfg, schedule, teacher_params, params, 500))
     print(student, sampling, "one-step RMS to the chain endpoints:", err0, err)
     assert err0 > 0.05 and err < 0.1 * err0
