@@ -244,6 +244,13 @@ def _fit(cfg, schedule, teacher_params, params, steps):
     return target
 
 
+def _np_teacher():
+    """abar and the exact teacher's eps = p z + q per timestep (the Gaussian data's), in float64."""
+    a = schedules.NoiseSchedule().alphas_cumprod.astype(np.float64)
+    p0 = np.sqrt(1 - a) / (a * S ** 2 + 1 - a)
+    return a, p0, -p0 * np.sqrt(a) * MU
+
+
 def _rms_to(p, q, pf, qf, a, ts):
     """RMS over z_t (its Gaussian marginal) and the timesteps ts of the eps difference."""
     var = a[ts] * S ** 2 + 1 - a[ts]
@@ -255,11 +262,7 @@ def test_pcm_converges_to_the_teacher_chain_between_phase_edges():
     """PCM, N = 10, M = 2: each t maps to one s (its phase's lower edge), so the fixed point is the
     teacher's DDIM chain from t to that edge exactly, and training reaches it."""
     from lcm_jax.losses.consistency import extended_grid
-    schedule = schedules.NoiseSchedule()
-    a = schedule.alphas_cumprod.astype(np.float64)
-    var = a * S ** 2 + 1 - a
-    p0 = np.sqrt(1 - a) / var
-    q0 = -p0 * np.sqrt(a) * MU
+    a, p0, q0 = _np_teacher()
     pf, qf = _np_fixed_point("pcm", 10, 2, a, p0, q0)
     g = extended_grid(1000, 10)
     for t, edge in ((999, 499), (899, 499), (599, 499), (499, 0), (99, 0)):
@@ -278,11 +281,7 @@ def test_tcd_converges_to_its_fixed_point_closer_to_the_chain_than_the_teacher()
     and its one-step map 999 -> 0 is nearer the teacher's chain than the teacher's one DDIM step;
     from the grid's first timestep (s = 0 only) it is the teacher's step, which is the chain."""
     from lcm_jax.losses.consistency import extended_grid
-    schedule = schedules.NoiseSchedule()
-    a = schedule.alphas_cumprod.astype(np.float64)
-    var = a * S ** 2 + 1 - a
-    p0 = np.sqrt(1 - a) / var
-    q0 = -p0 * np.sqrt(a) * MU
+    a, p0, q0 = _np_teacher()
     pf, qf = _np_fixed_point("tcd", 10, 1, a, p0, q0)
     g = extended_grid(1000, 10)
     chain = np.array(_np_chain(p0, q0, a, g, 999, 0))
