@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_len = 77
     c.data.caption_dropout = 0.0    # probability of the empty prompt (every method)
     c.data.world_seed = 0           # shapes world
+    c.data.understated = 0.0        # shapes world: fraction of captions that leave attributes out
     c.data.num_examples = 100000
     c.data.cache_size = 0           # >0: encode this many examples once (latent cache), not per step
     c.data.cache_dir = ""           # an on-disk latent cache (`lcm-jax cache`) to train from instead

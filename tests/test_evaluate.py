@@ -62,7 +62,7 @@ def evaluator():
 
 def test_classifier_reads_real_images_and_not_noise(evaluator):
     prompts, attrs = shapes_eval.heldout_prompts(250)
-    images, captions, _ = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(250))
+    images, captions, _ = shapes.ShapesWorld(shapes.EVAL_SEED, shapes.UNDERSTATED).batch(range(250))
     assert prompts == captions
     real = evaluator(images.astype(np.float32) / 255, prompts)
     assert real["prompt_accuracy"] >= 0.97, real
@@ -73,13 +73,51 @@ def test_classifier_reads_real_images_and_not_noise(evaluator):
     assert real["fd"] < 0.05 * fake["fd"], (real["fd"], fake["fd"])
 
 
+def test_accuracy_judges_only_what_a_prompt_states(evaluator):
+    images, _, _ = shapes.ShapesWorld(shapes.EVAL_SEED).batch(range(2))
+    x = images.astype(np.float32) / 255
+    full = [shapes.caption_from_attrs(shapes.ShapesWorld(shapes.EVAL_SEED).attrs(i)) for i in range(2)]
+    assert evaluator.prompt_accuracy(x, full)["prompt_accuracy"] == 1.0, full
+    wrong = []   # each prompt's first shape in another colour, then that colour left out
+    for caption in full:
+        a = shapes.parse_caption(caption)
+        a["color"][0] = next(c for c in range(len(shapes.COLORS)) if c != a["color"][0]
+                             and shapes.COLORS[c] != shapes.BACKGROUNDS[a["background"]])
+        wrong.append(shapes.caption_from_attrs(a))
+    got = evaluator.prompt_accuracy(x, wrong)
+    assert got["prompt_accuracy"] == 0.0 and got["acc/color"] == 0.0 and got["acc/shape"] == 1.0
+    silent = []
+    for caption in wrong:
+        a = shapes.parse_caption(caption)
+        a["color"][0] = shapes.UNSTATED
+        silent.append(shapes.caption_from_attrs(a))
+    assert evaluator.prompt_accuracy(x, silent)["prompt_accuracy"] == 1.0, silent
+
+
+def test_diversity_is_one_for_the_world_and_zero_for_one_image(evaluator):
+    prompts = ["a circle on a gray background"] * 6 + ["a small red star at the top"] * 6
+    rng = np.random.default_rng(5)
+    real = [shapes.fill(shapes.parse_caption(p), rng) for p in prompts]
+    images = shapes.render_batch(shapes.stack_attrs([a for a, _ in real]), np.stack([j for _, j in real]))
+    varied = evaluator.diversity(images.astype(np.float32) / 255, prompts)
+    assert 0.75 < varied < 1.33, varied
+    same = np.repeat(images[::6], 6, axis=0).astype(np.float32) / 255
+    assert evaluator.diversity(same, prompts) < 1e-3
+    with pytest.raises(ValueError, match="at least two images per prompt"):
+        evaluator.diversity(images[:3].astype(np.float32) / 255, ["a star", "a circle", "a star"])
+
+
 def test_heldout_prompts_are_fixed_and_parse():
     prompts, attrs = shapes_eval.heldout_prompts(20)
     assert shapes_eval.heldout_prompts(20)[0] == prompts
     assert prompts != shapes_eval.heldout_prompts(20, seed=0)[0]
     parsed = shapes.stack_attrs([shapes.parse_caption(p) for p in prompts])
-    for key in shapes.ATTR_KEYS:
-        np.testing.assert_array_equal(parsed[key], attrs[key])
+    for key in shapes.ATTR_KEYS:   # the attributes are the images' truth; a prompt may omit some
+        said = parsed[key]
+        np.testing.assert_array_equal(np.where(said == shapes.UNSTATED, attrs[key], said), attrs[key])
+    assert (parsed["background"] == shapes.UNSTATED).any()
+    assert shapes_eval.heldout_prompts(20, understated=0.0)[0] == [
+        shapes.caption_from_attrs(shapes.ShapesWorld(shapes.EVAL_SEED).attrs(i)) for i in range(20)]
 
 
 def test_cell_targets_round_trip_to_attributes():

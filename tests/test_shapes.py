@@ -98,6 +98,42 @@ def test_pixels_show_the_caption(samples):
     assert np.mean(blended) > 0.95   # anti-aliased edges (a square can land on pixel edges)
 
 
+def test_understated_captions_leave_attributes_out_and_keep_the_images(samples):
+    images, full, attrs = samples
+    world = shapes.ShapesWorld(0, understated=0.5)
+    same, captions, same_attrs = world.batch(range(1000))
+    np.testing.assert_array_equal(same, images)          # the images do not depend on the rate
+    changed = [c != f for c, f in zip(captions, full)]
+    assert 0.45 < np.mean(changed) < 0.55
+    vocab = set(shapes.vocabulary())
+    for i, caption in enumerate(captions):
+        parsed = shapes.parse_caption(caption)
+        assert shapes.caption_from_attrs(parsed) == caption and set(caption.split()) <= vocab
+        unstated = 0
+        for key in shapes.ATTR_KEYS:   # what is stated is the truth of the image
+            said, truth = np.asarray(parsed[key]), np.asarray(attrs[key][i])
+            unstated += int((said == shapes.UNSTATED).sum())
+            assert np.all((said == truth) | (said == shapes.UNSTATED)), (caption, key)
+        assert (unstated > 0) == changed[i], caption
+    one = shapes.parse_caption("a red circle and a large square at the bottom right")
+    assert one["background"] == shapes.UNSTATED and list(one["position"]) == [shapes.UNSTATED, 8]
+    assert list(one["size"]) == [shapes.UNSTATED, 1] and list(one["color"]) == [0, shapes.UNSTATED]
+    with pytest.raises(ValueError, match="understated must be a fraction"):
+        shapes.ShapesWorld(0, understated=1.5)
+
+
+def test_fill_draws_images_the_caption_describes():
+    stated = shapes.parse_caption("a red circle and a large square at the bottom right")
+    rng = np.random.default_rng(0)
+    drawn = [shapes.fill(stated, rng)[0] for _ in range(200)]
+    for a in drawn:
+        assert a["num_shapes"] == 2 and list(a["shape"]) == [0, 1] and a["color"][0] == 0
+        assert a["size"][1] == 1 and a["position"][1] == 8 and a["position"][0] < 8
+        assert shapes.BACKGROUNDS[a["background"]] not in {shapes.COLORS[c] for c in a["color"]}
+    # The unstated attributes vary: every background the scene allows, many first cells.
+    assert len({a["background"] for a in drawn}) >= 3 and len({a["position"][0] for a in drawn}) >= 6
+
+
 def test_large_shapes_are_larger():
     world = shapes.ShapesWorld(0)
     attrs = shapes.stack_attrs([world.attrs(i) for i in range(400)])

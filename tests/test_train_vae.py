@@ -21,6 +21,7 @@ from lcm_jax.worlds.shapes.train_vae import text_encoder_config
 
 def test_pretraining_teaches_the_encoder_the_captions():
     tc = shapes_vae.get_config().text_encoder
+    tc.pretrain_understated = 0.0    # every attribute judged: chance is near zero
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     module = CLIPTextModel.from_config(text_encoder_config(tc, tokenizer))
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"]
@@ -41,6 +42,24 @@ def test_pretraining_teaches_the_encoder_the_captions():
     s0 = module.apply({"params": params}, jnp.asarray(ids)).last_hidden_state
     s1 = module.apply({"params": trained}, jnp.asarray(ids)).last_hidden_state
     assert float(jnp.max(jnp.abs(s1 - s0))) > 0.1
+
+
+def test_probe_targets_are_what_the_caption_states():
+    from lcm_jax.worlds.shapes.evaluator import classifier_cell_heads
+    from lcm_jax.worlds.shapes.train_text_encoder import masked_cross_entropy, stated_cells
+
+    heads = classifier_cell_heads()
+    full = stated_cells(shapes.parse_caption("a small red circle at the top left on a gray background"), heads)
+    assert full["background"] == shapes.BACKGROUNDS.index("gray")
+    assert full["shape"][0] == 0 and full["color"][0] == 0 and full["size"][0] == 0
+    assert (full["shape"][1:] == len(shapes.SHAPES)).all()               # the other cells: empty
+    part = stated_cells(shapes.parse_caption("a red circle and a large square at the bottom right"), heads)
+    assert part["background"] == -1 and (part["shape"][:8] == -1).all()  # a cell unknown: no 'empty'
+    assert part["shape"][8] == 1 and part["size"][8] == 1 and part["color"][8] == -1
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(9, 5)), jnp.float32)
+    labels = jnp.asarray(part["shape"])
+    expect = -jax.nn.log_softmax(logits)[8, 1]
+    np.testing.assert_allclose(masked_cross_entropy(logits, labels), expect, rtol=1e-6)
 
 
 def test_tiny_run_writes_a_components_folder_both_libraries_load(tmp_path):

@@ -40,14 +40,15 @@ def _padded_chunks(prompts: Sequence[str], batch: int):
 
 
 def generate(pipe, prompts: Sequence[str], sampler: str, steps: int, guidance: float,
-             seed: int = 0, batch: int = 100, size: int = 64) -> np.ndarray:
+             seed: int = 0, batch: int = 100, size: int = 64, **kwargs) -> np.ndarray:
     """Images for `prompts` in fixed-size batches; batch i draws its latents from seed + i, so
     every sampler sees the same starting noise. Only the UNet and VAE calls are compiled
-    (compile='model'), once for every sampler and step count."""
+    (compile='model'), once for every sampler and step count. `kwargs` go to the pipeline
+    (e.g. gamma, timesteps)."""
     out = []
     for i, chunk in _padded_chunks(prompts, batch):
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                        width=size, seed=seed + i, sampler=sampler, compile="model"))
+                        width=size, seed=seed + i, sampler=sampler, compile="model", **kwargs))
     return np.concatenate(out)[:len(prompts)]
 
 

@@ -10,6 +10,14 @@
    DDIM with CFG on held-out prompts: FD and prompt accuracy with ShapesEvaluator, a grid PNG);
    README.md written with the recipe and the numbers; then renamed onto --out.
 `--skip_training` reassembles and re-evaluates from an existing WORKDIR.
+
+    python lcm_jax/worlds/shapes/build_teacher.py --from_teacher FOLDER [--teacher_steps N]
+
+continues an existing teacher instead (how the shipped one was made from the previous build when
+the world's captions began to leave attributes out): FOLDER -> WORKDIR/init (VAE and text encoder
+kept: the images did not change; `--text_steps N` continues the encoder's pretraining on the new
+captions first), then the UNet fine-tuned from FOLDER's (`method='diffusion'`,
+model.teacher=WORKDIR/init).
 """
 from __future__ import annotations
 
@@ -26,6 +34,12 @@ import numpy as np
 from lcm_jax.worlds.shapes import CONFIG_DIR, TEACHER_DIR
 
 DEFAULT_OUT = TEACHER_DIR
+
+
+# --from_teacher: the text encoder is kept unless --text_steps > 0 (continuing its pretraining on
+# the new captions moved its states; the UNet fine-tuned on them lost quality on fully stated
+# prompts: assets/teacher/README.md).
+FINETUNE = {"text_lr": 1e-3, "teacher_steps": 3000, "teacher_lr": 2e-4}
 
 
 def run_step(args: list[str]) -> float:
@@ -67,22 +81,23 @@ def assemble(components: str, teacher_workdir: str, out_dir: str) -> int:
 
 
 def evaluate_teacher(folder: str, guidances: list[float], num_prompts: int, steps: int,
-                     grid_path: str, batch: int = 64) -> list[dict]:
-    """FD and prompt accuracy of `steps`-step DDIM with CFG at each guidance, on held-out prompts."""
+                     grid_path: str, batch: int = 64, understated: float | None = None) -> list[dict]:
+    """FD and prompt accuracy of `steps`-step DDIM with CFG at each guidance, on held-out prompts
+    (`understated` of them leave attributes out; None: the world's rate)."""
     from lcm_jax.evaluation.grids import save_grid
     from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
     from lcm_jax.pipeline import LCMPipeline
 
     pipe = LCMPipeline.from_pretrained(folder)
     evaluator = ShapesEvaluator()
-    prompts, _ = heldout_prompts(num_prompts)
+    prompts, _ = heldout_prompts(num_prompts, **({} if understated is None else {"understated": understated}))
     rows, best = [], None
     for g in guidances:
         t0 = time.time()
         images = np.concatenate([
             pipe(prompts[s:s + batch], num_inference_steps=steps, guidance_scale=g, height=64,
                  width=64, seed=s, sampler="ddim") for s in range(0, len(prompts), batch)])
-        row = {"guidance_scale": g, "steps": steps, "num_prompts": len(prompts),
+        row = {"guidance_scale": g, "steps": steps, "num_prompts": len(prompts), "understated": understated,
                "seconds": round(time.time() - t0, 1), **evaluator(images, prompts)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -176,6 +191,79 @@ def folder_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def finetune_steps(from_teacher: str, workdir: str, teacher_steps: int, text_steps: int) -> dict:
+    """FROM_TEACHER -> WORKDIR/init (with `text_steps` > 0: its text encoder's pretraining
+    continued on this world's captions), its UNet fine-tuned into WORKDIR/teacher; returns
+    seconds per stage."""
+    init, teacher_dir = os.path.join(workdir, "init"), os.path.join(workdir, "teacher")
+    if not os.path.exists(init):
+        shutil.copytree(from_teacher, init)
+    times = {}
+    if text_steps:
+        times["text_encoder"] = run_step([
+            "-m", "lcm_jax.worlds.shapes.train_text_encoder", f"--config={CONFIG_DIR}/shapes_vae.py",
+            f"--components={init}", f"--config.text_encoder.pretrain_steps={text_steps}",
+            f"--config.text_encoder.pretrain_learning_rate={FINETUNE['text_lr']}"])
+    times["teacher"] = run_step([
+        "-m", "lcm_jax.train", f"--config={CONFIG_DIR}/shapes_teacher.py", f"--workdir={teacher_dir}",
+        f"--config.model.teacher={init}", "--config.model.components=",
+        f"--config.total_steps={teacher_steps or FINETUNE['teacher_steps']}",
+        f"--config.optim.learning_rate={FINETUNE['teacher_lr']}", "--config.checkpoint_every=500"])
+    return times
+
+
+FINETUNE_README = """# shapes teacher
+
+The bundled text-to-image teacher of the procedural shapes world (`lcm_jax/worlds/shapes/world.py`):
+a diffusers pipeline folder (loads with diffusers' `StableDiffusionPipeline` and with
+`lcm_jax.LCMPipeline`), 64x64 images from 8x8x4 latents. Half of its training captions
+(`world.UNDERSTATED`) leave attributes out, so one caption can have many right images.
+
+Made from the previous build ({base}) by `python lcm_jax/worlds/shapes/build_teacher.py
+--from_teacher FOLDER`:
+- vae/, tokenizer/, scheduler/: that build's, unchanged (the world's images did not change).
+- text_encoder/: {text_line}; frozen.
+- unet/: fine-tuned from the previous UNet with `method='diffusion'` (epsilon, caption dropout
+  0.1 for CFG) for {teacher_steps} steps at batch {batch}, lr {teacher_lr:g} cosine, on a latent
+  cache of {cache} examples; the shipped weights are the EMA (decay {ema}). {teacher_min:.0f} min
+  on a 2-core CPU.
+
+Quality: 50-step DDIM with classifier-free guidance on {num_prompts} held-out prompts
+(`evaluator.heldout_prompts`, `ShapesEvaluator`; FD on classifier features vs 2000 real held-out
+images; accuracy judges only what a prompt states):
+
+| prompts | guidance | prompt accuracy | FD | background | shape | color | size | position |
+|---|---|---|---|---|---|---|---|---|
+{table}
+
+grid.png: samples at the best guidance.
+{note}"""
+
+
+def write_finetune_readme(out_dir: str, base: str, teacher_cfg: dict, rows: list[dict],
+                          times: dict, note: str, text_steps: int) -> None:
+    text_line = (f"the previous build's, {text_encoder_note(out_dir)}" if not text_steps else
+                 f"its cell-attribute probe pretraining continued for {text_steps} steps (lr "
+                 f"{FINETUNE['text_lr']:g}) on captions that leave attributes out, the probe judging "
+                 f"only what a caption states ({text_encoder_note(out_dir)})")
+    def prompts(r):
+        return "fully stated" if r["understated"] == 0 else f"{r['understated']:g} under-stated"
+
+    table = "\n".join(
+        f"| {prompts(r)} | {r['guidance_scale']} | {r['prompt_accuracy']:.3f} | {r['fd']:.2f} | "
+        + " | ".join(f"{r.get('acc/' + k, float('nan')):.3f}"
+                     for k in ("background", "shape", "color", "size", "position")) + " |"
+        for r in rows)
+    readme = FINETUNE_README.format(
+        base=base, text_line=text_line, teacher_steps=teacher_cfg["total_steps"],
+        batch=teacher_cfg["batch_size"], teacher_lr=teacher_cfg["optim"]["learning_rate"],
+        cache=teacher_cfg["data"]["cache_size"], ema=teacher_cfg.get("diffusion_ema_decay", 0.0),
+        teacher_min=times.get("teacher", float("nan")) / 60, num_prompts=rows[0]["num_prompts"],
+        table=table, note=f"\n{note}\n" if note else "")
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(readme)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=os.path.join("runs", "shapes_build"))
@@ -187,7 +275,12 @@ def main() -> None:
     p.add_argument("--num_prompts", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--note", default="", help="a paragraph appended to README.md (e.g. caveats)")
+    p.add_argument("--from_teacher", default="", help="continue this teacher folder (see above)")
+    p.add_argument("--text_steps", type=int, default=0,
+                   help="--from_teacher: continue the text encoder's pretraining this many steps first")
     a = p.parse_args()
+    if a.from_teacher:
+        return main_finetune(a)
 
     vae_dir, teacher_dir = os.path.join(a.workdir, "vae"), os.path.join(a.workdir, "teacher")
     components = os.path.join(vae_dir, "components")
@@ -212,6 +305,31 @@ def main() -> None:
     teacher_cfg["total_steps"] = step
     write_readme(tmp, load(os.path.join(vae_dir, "config.json")), load(os.path.join(vae_dir, "vae_eval.json")),
                  teacher_cfg, rows, times, a.note)
+    with open(os.path.join(tmp, "eval.json"), "w") as f:
+        json.dump({"ddim_cfg": rows, "train_seconds": times}, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"wrote {out} ({folder_size(out) / 1e6:.2f} MB)", flush=True)
+
+
+def main_finetune(a) -> None:
+    """--from_teacher: fine-tune, assemble, evaluate on fully stated and under-stated prompts."""
+    from lcm_jax.worlds.shapes.world import UNDERSTATED
+
+    teacher_dir = os.path.join(a.workdir, "teacher")
+    times = {} if a.skip_training else finetune_steps(a.from_teacher, a.workdir, a.teacher_steps, a.text_steps)
+    out = os.path.abspath(a.out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    step = assemble(os.path.join(a.workdir, "init"), teacher_dir, tmp)
+    guidances = [float(g) for g in a.guidance.split(",")]
+    rows = [r for rate in (0.0, UNDERSTATED) for r in evaluate_teacher(
+        tmp, guidances, a.num_prompts, a.steps, os.path.join(tmp, "grid.png"), understated=rate)]
+    times.setdefault("teacher", logged_train_seconds(os.path.join(teacher_dir, "metrics.jsonl")))
+    with open(os.path.join(teacher_dir, "config.json")) as f:
+        teacher_cfg = json.load(f)
+    teacher_cfg["total_steps"] = step
+    write_finetune_readme(tmp, a.from_teacher, teacher_cfg, rows, times, a.note, a.text_steps)
     with open(os.path.join(tmp, "eval.json"), "w") as f:
         json.dump({"ddim_cfg": rows, "train_seconds": times}, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)

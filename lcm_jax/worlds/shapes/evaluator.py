@@ -5,10 +5,15 @@
     images of the world (the FID recipe, with a classifier that knows this world);
   - `prompt_accuracy`: the fraction of images whose every predicted attribute matches the prompt;
   - `acc/<attribute>`: per-attribute accuracy (background, num_shapes, shape, color, ...).
-`heldout_prompts` gives prompts from the evaluation split of the world (`world.EVAL_SEED`).
+  - `diversity`: per caption, how far apart its images are (classifier features) against real
+    images of the same caption; 1 is as varied as the world, 0 is one image per caption.
+`heldout_prompts` gives prompts from the evaluation split of the world (`world.EVAL_SEED`), by
+default with the shipped teacher's rate of captions that leave attributes out; accuracy judges
+only what a caption states.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -72,11 +77,12 @@ def cells_to_attrs(cells: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def heldout_prompts(n: int, seed: int = shapes.EVAL_SEED) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The first n prompts and stacked attributes of world `seed` (by default the eval split)."""
-    world = shapes.ShapesWorld(seed)
-    items = [world.attrs(i) for i in range(n)]
-    return [shapes.caption_from_attrs(a) for a in items], shapes.stack_attrs(items)
+def heldout_prompts(n: int, seed: int = shapes.EVAL_SEED, understated: float = shapes.UNDERSTATED
+                    ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The first n prompts and stacked attributes of world `seed` (by default the eval split);
+    `understated` of them leave attributes out (0: every prompt states everything)."""
+    world = shapes.ShapesWorld(seed, understated)
+    return [world.caption(i) for i in range(n)], shapes.stack_attrs([world.attrs(i) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +187,38 @@ class ShapesEvaluator:
         out.update(self._accuracy(logits, prompts))
         return out
 
+    def diversity(self, images: np.ndarray, prompts: Sequence[str], seed: int = 0) -> float:
+        """Mean pairwise feature distance of the images of each prompt (runs of equal prompts),
+        divided by the same for as many real images of that prompt (`shapes.fill`), averaged
+        over prompts."""
+        feats = self.features(images)
+        groups = [list(g) for _, g in itertools.groupby(range(len(prompts)), key=lambda i: prompts[i])]
+        if any(len(g) < 2 for g in groups):
+            raise ValueError("diversity needs at least two images per prompt, in runs of equal prompts")
+        rng = np.random.default_rng(seed)
+        real = [shapes.fill(shapes.parse_caption(prompts[g[0]]), rng) for g in groups for _ in g]
+        real_feats = self.features(shapes.render_batch(shapes.stack_attrs([a for a, _ in real]),
+                                                       np.stack([j for _, j in real])))
+        ratios = [_mean_pairwise(feats[g]) / max(_mean_pairwise(real_feats[g]), 1e-12) for g in groups]
+        return float(np.mean(ratios))
+
     @staticmethod
     def _accuracy(logits: Mapping[str, np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
+        """Only what each prompt states is judged (UNSTATED attributes match anything)."""
         truth = shapes.stack_attrs([shapes.parse_caption(p) for p in prompts])
         if len(logits["background"]) != len(prompts):
             raise ValueError(f"{len(logits['background'])} images but {len(prompts)} prompts")
         pred = cells_to_attrs({k: v.argmax(-1) for k, v in logits.items()})
-        hits = {k: np.all((pred[k] == truth[k]).reshape(len(prompts), -1), 1) for k in truth}
-        out = {"prompt_accuracy": float(np.mean(np.all(list(hits.values()), axis=0)))}
-        out.update({f"acc/{k}": float(v.mean()) for k, v in hits.items()})
+        n = len(prompts)
+        stated = {k: (truth[k] != shapes.UNSTATED).reshape(n, -1) for k in truth}
+        right = {k: (pred[k] == truth[k]).reshape(n, -1) | ~stated[k] for k in truth}
+        out = {"prompt_accuracy": float(np.mean(np.all([r.all(1) for r in right.values()], axis=0)))}
+        out.update({f"acc/{k}": float(np.all(right[k], 1)[stated[k].any(1)].mean())
+                    for k in truth if stated[k].any()})
         return out
+
+
+def _mean_pairwise(x: np.ndarray) -> float:
+    """Mean Euclidean distance over the distinct pairs of rows of `x`."""
+    d = np.sqrt(np.maximum(((x[:, None] - x[None]) ** 2).sum(-1), 0.0))
+    return float(d[np.triu_indices(len(x), 1)].mean())

@@ -1,4 +1,5 @@
-"""The shapes world as a training source: examples [0, num_examples) of world `data.world_seed`."""
+"""The shapes world as a training source: examples [0, num_examples) of world `data.world_seed`,
+`data.understated` of whose captions leave attributes out."""
 from __future__ import annotations
 
 from lcm_jax.data import sources
@@ -6,7 +7,7 @@ from lcm_jax.worlds.shapes.world import ShapesWorld
 
 
 def make_shapes_source(cfg, tokenize, latent_shape, text_shape) -> sources.ImageCaptionSource:
-    world = ShapesWorld(cfg.data.world_seed)
+    world = ShapesWorld(cfg.data.world_seed, cfg.data.get("understated", 0.0))
 
     def read(i: int):
         image, caption, _ = world.sample(i)

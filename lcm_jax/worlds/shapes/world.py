@@ -2,10 +2,16 @@
 
 Each image is 64x64 RGB with one or two shapes (circle, square, triangle, star) of a named colour
 and size, each in one cell of a 3x3 grid, on a named background colour that no shape shares. The
-caption states all of it, shapes in reading order of their cells:
+full caption states all of it, shapes in reading order of their cells:
 
     "a small red circle at the top left and a large blue square at the bottom right on a gray
     background"
+
+A world may leave attributes out (`ShapesWorld(seed, understated=rate)`): that fraction of
+captions drops each of the background and every shape's size, colour and position with
+probability 1/2 (at least one), e.g. "a red circle and a large square at the bottom right". Such
+a caption has many right images; the images themselves do not change with the rate (their
+random stream is separate). Parsed attributes hold UNSTATED where the caption is silent.
 
 Shapes are rendered at 4x resolution and box-filtered down (anti-aliased), with a little jitter
 of position (+-1 px) and scale (+-5%), so the images form a smooth distribution while every
@@ -33,6 +39,8 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 SLOT_KEYS = ("shape", "color", "size", "position")
 ATTR_KEYS = ("background", "num_shapes") + SLOT_KEYS
+UNSTATED = -2          # an attribute the caption leaves out (parse_caption, understate)
+UNDERSTATED = 0.5      # the shipped teacher's rate of captions that leave attributes out
 # The seed of the evaluation split (heldout prompts, FD reference images); never train on it.
 EVAL_SEED = 2_147_483_647
 
@@ -143,15 +151,37 @@ def _position_phrase(position: int) -> str:
 
 
 def caption_from_attrs(attrs: Mapping[str, object]) -> str:
-    """The caption of one sample's attributes (slot 2 is skipped when its shape is -1)."""
+    """The caption of one sample's attributes: slot 2 is skipped when its shape is -1, and every
+    attribute that is UNSTATED is left out."""
     parts = []
     for slot in range(2):
         shape = int(np.asarray(attrs["shape"])[slot])
         if shape < 0:
             continue
         size, color, pos = (int(np.asarray(attrs[k])[slot]) for k in ("size", "color", "position"))
-        parts.append(f"a {SIZES[size]} {COLORS[color]} {SHAPES[shape]} {_position_phrase(pos)}")
-    return " and ".join(parts) + f" on a {BACKGROUNDS[int(attrs['background'])]} background"
+        words = ["a"] + [names[i] for names, i in ((SIZES, size), (COLORS, color)) if i >= 0]
+        words += [SHAPES[shape]] + ([_position_phrase(pos)] if pos >= 0 else [])
+        parts.append(" ".join(words))
+    background = int(attrs["background"])
+    tail = f" on a {BACKGROUNDS[background]} background" if background >= 0 else ""
+    return " and ".join(parts) + tail
+
+
+def understate(attrs: Mapping[str, object], rng: np.random.Generator) -> dict:
+    """`attrs` with the background and each shape's size, colour and position independently
+    UNSTATED with probability 1/2, at least one of them."""
+    n = int(attrs["num_shapes"])
+    fields = [("background", None)] + [(k, s) for s in range(n) for k in ("size", "color", "position")]
+    drop = rng.random(len(fields)) < 0.5
+    if not drop.any():
+        drop[rng.integers(len(fields))] = True
+    out = {k: (np.array(v) if k in SLOT_KEYS else v) for k, v in attrs.items()}
+    for (key, slot), dropped in zip(fields, drop):
+        if dropped and slot is None:
+            out[key] = UNSTATED
+        elif dropped:
+            out[key][slot] = UNSTATED
+    return out
 
 
 def _alt(names: Iterable[str]) -> str:
@@ -159,16 +189,18 @@ def _alt(names: Iterable[str]) -> str:
     return "|".join(sorted(names, key=len, reverse=True))
 
 
-_SHAPE_RE = (rf"a (?P<size{{i}}>{_alt(SIZES)}) (?P<color{{i}}>{_alt(COLORS)}) "
-             rf"(?P<shape{{i}}>{_alt(SHAPES)}) (?:in the (?P<center{{i}}>center)|"
-             rf"at the (?P<position{{i}}>{_alt(p for p in POSITIONS if p != 'center')}))")
+_SHAPE_RE = (rf"a (?:(?P<size{{i}}>{_alt(SIZES)}) )?(?:(?P<color{{i}}>{_alt(COLORS)}) )?"
+             rf"(?P<shape{{i}}>{_alt(SHAPES)})(?: in the (?P<center{{i}}>center)|"
+             rf" at the (?P<position{{i}}>{_alt(p for p in POSITIONS if p != 'center')}))?")
 _CAPTION_RE = re.compile(
     _SHAPE_RE.format(i=0) + rf"(?: and {_SHAPE_RE.format(i=1)})?"
-    + rf" on a (?P<background>{_alt(BACKGROUNDS)}) background")
+    + rf"(?: on a (?P<background>{_alt(BACKGROUNDS)}) background)?")
 
 
 def parse_caption(caption: str) -> dict:
-    """Attributes of a caption in the world's grammar, two shapes put in reading order.
+    """Attributes of a caption in the world's grammar, two shapes put in reading order when both
+    positions are stated (else taken in the caption's order, the world's convention); UNSTATED
+    where the caption is silent.
 
     ValueError for other text, and for scenes the world never draws (two shapes in one cell, a
     shape of the background colour).
@@ -178,29 +210,33 @@ def parse_caption(caption: str) -> dict:
         raise ValueError(f"caption {caption!r} is not a shapes-world caption; expected e.g. "
                          "'a small red circle at the top left on a gray background'")
     g = m.groupdict()
-    attrs = {"background": BACKGROUNDS.index(g["background"]),
+
+    def index(names, value):
+        return names.index(value) if value is not None else UNSTATED
+
+    attrs = {"background": index(BACKGROUNDS, g["background"]),
              "num_shapes": 1 + (g["shape1"] is not None)}
     for key in SLOT_KEYS:
         attrs[key] = np.full(2, -1, np.int32)
     for slot in range(attrs["num_shapes"]):
         attrs["shape"][slot] = SHAPES.index(g[f"shape{slot}"])
-        attrs["color"][slot] = COLORS.index(g[f"color{slot}"])
-        attrs["size"][slot] = SIZES.index(g[f"size{slot}"])
-        attrs["position"][slot] = POSITIONS.index(g[f"position{slot}"] or "center")
+        attrs["color"][slot] = index(COLORS, g[f"color{slot}"])
+        attrs["size"][slot] = index(SIZES, g[f"size{slot}"])
+        attrs["position"][slot] = index(POSITIONS, g[f"position{slot}"] or g[f"center{slot}"])
     return _canonical(attrs, caption)
 
 
 def _canonical(attrs: dict, caption: str) -> dict:
-    """Puts two shapes in reading order; rejects what the world never draws."""
+    """Puts two shapes with stated positions in reading order; rejects what the world never draws."""
     pos = attrs["position"]
-    if attrs["num_shapes"] == 2 and pos[0] == pos[1]:
+    if attrs["num_shapes"] == 2 and min(pos) >= 0 and pos[0] == pos[1]:
         raise ValueError(f"caption {caption!r} puts both shapes at the {POSITIONS[pos[0]]}; "
                          "the shapes world draws two shapes in different grid cells")
-    if attrs["num_shapes"] == 2 and pos[1] < pos[0]:
+    if attrs["num_shapes"] == 2 and min(pos) >= 0 and pos[1] < pos[0]:
         for key in SLOT_KEYS:
             attrs[key] = attrs[key][::-1].copy()
-    colors = {COLORS[c] for c in attrs["color"][:attrs["num_shapes"]]}
-    if BACKGROUNDS[attrs["background"]] in colors:
+    colors = {COLORS[c] for c in attrs["color"][:attrs["num_shapes"]] if c >= 0}
+    if attrs["background"] >= 0 and BACKGROUNDS[attrs["background"]] in colors:
         raise ValueError(f"caption {caption!r} has a shape of the background colour; the shapes "
                          "world never draws that (it could not be seen)")
     return attrs
@@ -241,22 +277,57 @@ def stack_attrs(items: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
     return {key: np.stack([np.asarray(a[key], np.int32) for a in items]) for key in ATTR_KEYS}
 
 
-class ShapesWorld:
-    """The shapes text-to-image world; sample `index` of world `seed` is always the same."""
+def fill(stated: Mapping[str, object], rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    """Attributes (and render jitter) of a random image the caption `stated` describes: every
+    UNSTATED attribute drawn as the world draws it, until the scene is one the world draws."""
+    n = int(stated["num_shapes"])
+    while True:
+        attrs, jitter = _draw_attrs(rng)
+        if attrs["num_shapes"] != n:
+            continue
+        for key in SLOT_KEYS:
+            given = np.asarray(stated[key])[:n]
+            if key == "position":  # draw the unstated cells anew: the world's draw sorted them
+                given = np.where(given >= 0, given, rng.choice(len(POSITIONS), n, replace=False))
+            attrs[key][:n] = np.where(given >= 0, given, attrs[key][:n])
+        if int(stated["background"]) >= 0:
+            attrs["background"] = int(stated["background"])
+        pos, colors = attrs["position"][:n], {COLORS[c] for c in attrs["color"][:n]}
+        if len(set(pos)) == n and np.all(np.diff(pos) > 0) and BACKGROUNDS[attrs["background"]] not in colors:
+            return attrs, jitter
 
-    def __init__(self, seed: int = 0):
+
+class ShapesWorld:
+    """The shapes text-to-image world; sample `index` of world `seed` is always the same.
+
+    `understated`: the fraction of captions that leave attributes out (`understate`); 0 states
+    everything. The images do not depend on it.
+    """
+
+    def __init__(self, seed: int = 0, understated: float = 0.0):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"ShapesWorld seed must be a non-negative int, got {seed!r}")
-        self.seed = int(seed)
+        if not 0.0 <= understated <= 1.0:
+            raise ValueError(f"ShapesWorld understated must be a fraction in [0, 1], got {understated!r}")
+        self.seed, self.understated = int(seed), float(understated)
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def _rng(self, index: int, stream: int = 0) -> np.random.Generator:
         if index < 0:
             raise ValueError(f"ShapesWorld index must be non-negative, got {index}")
-        return np.random.default_rng([self.seed, int(index)])
+        return np.random.default_rng([self.seed, int(index)] + ([stream] if stream else []))
 
     def attrs(self, index: int) -> dict:
         """The attributes of sample `index` (without rendering it)."""
         return _draw_attrs(self._rng(index))[0]
+
+    def stated(self, index: int) -> dict:
+        """What the caption of sample `index` states: its attributes, some UNSTATED."""
+        attrs = self.attrs(index)
+        rng = self._rng(index, stream=1) if self.understated else None
+        return understate(attrs, rng) if rng is not None and rng.random() < self.understated else attrs
+
+    def caption(self, index: int) -> str:
+        return caption_from_attrs(self.stated(index))
 
     def sample(self, index: int) -> tuple[np.ndarray, str, dict]:
         """Image uint8 (64, 64, 3), caption and attributes of sample `index`."""
@@ -267,16 +338,20 @@ class ShapesWorld:
     def batch(self, indices: Iterable[int], chunk: int = 512
               ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
         """Images (B, 64, 64, 3) uint8, captions and stacked attributes of many samples."""
+        indices = list(indices)
         drawn = [_draw_attrs(self._rng(i)) for i in indices]
-        items = [a for a, _ in drawn]
-        if not items:
+        if not drawn:
             raise ValueError("ShapesWorld.batch needs at least one index")
-        attrs = stack_attrs(items)
-        jitter = np.stack([j for _, j in drawn])
-        images = np.concatenate([
-            render({k: v[s:s + chunk] for k, v in attrs.items()}, jitter[s:s + chunk])
-            for s in range(0, len(items), chunk)])
-        return images, [caption_from_attrs(a) for a in items], attrs
+        attrs = stack_attrs([a for a, _ in drawn])
+        images = render_batch(attrs, np.stack([j for _, j in drawn]), chunk)
+        return images, [self.caption(i) for i in indices], attrs
+
+
+def render_batch(attrs: Mapping[str, np.ndarray], jitter: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """`render` in chunks of `chunk` images (bounded memory)."""
+    n = len(jitter)
+    return np.concatenate([render({k: v[s:s + chunk] for k, v in attrs.items()}, jitter[s:s + chunk])
+                           for s in range(0, n, chunk)])
 
 
 def write_image_folder(world: ShapesWorld, out_dir: str, num: int, start: int = 0) -> str:

@@ -6,6 +6,7 @@ into a 1-4 step LCM on a CPU in minutes. `make demo` (`python -m lcm_jax.demo`) 
 """
 from lcm_jax.defaults import base_config
 from lcm_jax.worlds.shapes import TEACHER_DIR  # also registers data.source 'shapes'
+from lcm_jax.worlds.shapes.world import UNDERSTATED
 
 
 def get_config(arg=None):
@@ -45,6 +46,7 @@ def get_config(arg=None):
     c.data.latent_size = 8
     c.data.text_len = 32
     c.data.world_seed = 0
+    c.data.understated = UNDERSTATED   # the teacher's captions: half leave attributes out
     c.data.num_examples = 50000
     c.data.cache_size = 10000           # encode once: the step runs only the UNets
     return c

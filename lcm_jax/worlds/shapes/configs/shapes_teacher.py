@@ -9,6 +9,7 @@ both and assembles lcm_jax/worlds/shapes/assets/teacher/.
 """
 from lcm_jax.defaults import base_config
 from lcm_jax.worlds.shapes import source as _source  # noqa: F401  (registers data.source 'shapes')
+from lcm_jax.worlds.shapes.world import UNDERSTATED
 
 DEFAULT_COMPONENTS = "runs/shapes_vae/components"
 TEXT_HIDDEN = 64   # lcm_jax/worlds/shapes/configs/shapes_vae.py text_encoder.hidden_size
@@ -56,6 +57,7 @@ def get_config(arg=None):
     c.data.text_len = TEXT_LEN
     c.data.caption_dropout = 0.1
     c.data.world_seed = 0
+    c.data.understated = UNDERSTATED   # half the captions leave attributes out
     c.data.num_examples = 20000
     c.data.cache_size = 20000           # encode once with the frozen VAE: the step runs the UNet only
     if variant == "tiny":

@@ -26,6 +26,8 @@ def get_config(arg=None):
         "num_attention_heads": 4, "seed": 0,
         # caption -> per-cell attributes probe (lcm_jax/train_text_encoder.py); 0 leaves it random
         "pretrain_steps": 400, "pretrain_batch_size": 256, "pretrain_learning_rate": 3e-3,
+        # the captions' rate of leaving attributes out (world.UNDERSTATED, as the teacher's data)
+        "pretrain_understated": 0.5,
     })
     # Shapes cover a few percent of the pixels: weight them up, or the latent goes to the background.
     c.loss = ml_collections.ConfigDict({"reconstruction": "l1", "beta": 1e-6, "foreground_weight": 10.0})

@@ -1,0 +1,238 @@
+"""The methods table: every distillation recipe and method on the shapes world, same teacher, same
+latent cache, same training budget, scored on the same held-out prompts and starting noise.
+
+    python -m lcm_jax.worlds.shapes.methods --workdir runs/methods [--steps 1200] [--num_prompts 500]
+        [--methods lcd,lcd_x0,...]
+
+Each method is the demo's config (configs/shapes_lcd.py) with the overrides in METHODS, trained
+into WORKDIR/<name>/ (resumable), then sampled at 1, 2 and 4 steps with its own sampler: FD and
+prompt accuracy on --num_prompts held-out prompts (half of which leave attributes out), and the
+per-caption diversity of 8 samples of --diversity_prompts under-stated prompts. Runs keep a slow
+evaluation EMA of the student (eval_ema_decay) beside the target network, and both are scored.
+The baselines share the table: the teacher's 50 DDIM steps, DDIM and DPM-Solver++ at the same
+steps, the undistilled student under the LCM sampler, and the ideal LCM (the teacher's own ODE
+chain as the consistency function). Writes WORKDIR/methods.{jsonl,md,png}; finished methods are
+read back from methods.jsonl, not redone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+TEACHER_GUIDANCE = 5.0
+SAMPLE_STEPS = (1, 2, 4)
+EVAL_EMA = 0.999
+
+# name: (description, overrides of configs/shapes_lcd.py)
+METHODS = {
+    "lcd": ("LCD, epsilon student (the demo's recipe)", {}),
+    "lcd_x0": ("LCD, x0 student", {"loss.student_prediction": "x0"}),
+    "lcd_v": ("LCD, v student", {"loss.student_prediction": "v"}),
+    "lcd_sampler_t": ("LCD, t drawn toward the sampler's timesteps", {"loss.timestep_sampling": "sampler"}),
+    "lcd_k40": ("LCD, skipping step k = 40 (N = 25)",
+                {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}),
+    "lora": ("LCM-LoRA, no target network (the paper's recipe)", {"method": "lcm_lora"}),
+    "lora_ema": ("LCM-LoRA, EMA target", {"method": "lcm_lora", "loss.lora_target_ema": True}),
+    "tcd": ("TCD (gamma 0.3 sampler)", {"method": "tcd"}),
+    "pcm": ("PCM, 4 phases (4-step sampler at the phase edges)",
+            {"method": "pcm", "loss.pcm_phases": 4, "eval_endpoint_timesteps": ()}),
+}
+
+
+def method_config(name: str, steps: int, cache_dir: str):
+    """configs/shapes_lcd.py with METHODS[name]'s overrides, `steps` long, on the shared cache."""
+    from lcm_jax.worlds.shapes.configs import shapes_lcd
+
+    overrides = METHODS[name][1]
+    config = shapes_lcd.get_config("lora" if overrides.get("method") == "lcm_lora" else None)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config.total_steps = steps
+    config.checkpoint_every = min(config.checkpoint_every, steps)
+    config.sample_every = 0
+    config.eval_ema_decay = EVAL_EMA
+    config.data.cache_dir = cache_dir
+    return config
+
+
+def sampler_runs(config) -> list[tuple[str, int, dict]]:
+    """(sampler, steps, extra pipeline kwargs) a method is sampled with."""
+    from lcm_jax import schedules
+
+    if config.method == "pcm":  # deterministic, edge to edge: as many steps as phases
+        ts = schedules.pcm_timesteps(1000, config.loss.num_ddim_timesteps, config.loss.pcm_phases)
+        return [("tcd", len(ts), {"gamma": 0.0, "timesteps": [int(t) for t in ts]})]
+    sampler, extra = ("tcd", {"gamma": 0.3}) if config.method == "tcd" else ("lcm", {})
+    return [(sampler, n, extra) for n in SAMPLE_STEPS]
+
+
+def diversity_prompts(n: int, per_prompt: int = 8) -> list[str]:
+    """The first n held-out prompts that leave something out, each repeated `per_prompt` times."""
+    from lcm_jax.worlds.shapes import world as shapes
+    from lcm_jax.worlds.shapes.evaluator import heldout_prompts
+
+    full = heldout_prompts(4 * n, understated=0.0)[0]
+    prompts = [p for p, f in zip(heldout_prompts(4 * n)[0], full) if p != f][:n]
+    assert all(shapes.UNSTATED in np.concatenate([np.ravel(v) for v in shapes.parse_caption(p).values()])
+               for p in prompts)
+    return [p for p in prompts for _ in range(per_prompt)]
+
+
+def score(evaluator, pipe, prompts, div_prompts, sampler, steps, guidance, extra) -> dict:
+    """FD / accuracy on `prompts` and diversity on `div_prompts` of one sampler setting."""
+    from lcm_jax.evaluation.harness import generate
+
+    t0 = time.time()
+    m = evaluator(generate(pipe, prompts, sampler, steps, guidance, **extra), prompts)
+    div = evaluator.diversity(generate(pipe, div_prompts, sampler, steps, guidance, seed=1000, **extra),
+                              div_prompts)
+    return {"sampler": sampler, "steps": steps, "guidance": guidance, "fd": m["fd"],
+            "prompt_accuracy": m["prompt_accuracy"], "diversity": div, "seconds": round(time.time() - t0, 1)}
+
+
+def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float, grid: int) -> list[dict]:
+    """The teacher's rows: 50 DDIM steps, DDIM / DPM-Solver++ and the undistilled student (LCM
+    sampler, no CFG) at SAMPLE_STEPS, and the ideal LCM."""
+    from lcm_jax.evaluation.harness import oracle_generate
+
+    runs = [("teacher, 50 DDIM steps", "ddim", 50, TEACHER_GUIDANCE)]
+    runs += [(f"teacher, {s.upper() if s == 'ddim' else 'DPM-Solver++'}", s, n, TEACHER_GUIDANCE)
+             for s in ("ddim", "dpm") for n in SAMPLE_STEPS]
+    runs += [("not distilled (teacher under the LCM sampler)", "lcm", n, 1.0) for n in SAMPLE_STEPS]
+    rows = [{"method": name, **score(evaluator, teacher, prompts, div_prompts, s, n, g, {})}
+            for name, s, n, g in runs]
+    for n in SAMPLE_STEPS:
+        m = evaluator(oracle_generate(teacher, prompts, n, lcm_guidance, num_ddim_timesteps=grid), prompts)
+        rows.append({"method": "ideal LCM (the teacher's ODE chain)", "sampler": "lcm", "steps": n,
+                     "guidance": lcm_guidance, "fd": m["fd"], "prompt_accuracy": m["prompt_accuracy"]})
+    return rows
+
+
+def method_rows(name: str, workdir: str, steps: int, cache_dir: str, evaluator, prompts,
+                div_prompts) -> list[dict]:
+    """Trains (or resumes) one method and scores its target network and its evaluation EMA."""
+    from lcm_jax import train
+    from lcm_jax.runs import pipeline_from_training
+    from lcm_jax.training.models import build_models
+    from lcm_jax.training.state import sampling_guidance
+
+    config = method_config(name, steps, cache_dir)
+    t0 = time.time()
+    state = train.train_and_evaluate(config, os.path.join(workdir, name))
+    train_min = (time.time() - t0) / 60
+    models, guidance, rows = build_models(config), sampling_guidance(config), []
+    for weights in ("target", "eval EMA"):
+        chosen = state if weights == "eval EMA" else state.replace(eval_params=None)
+        pipe = pipeline_from_training(config, models, chosen)
+        for sampler, n, extra in sampler_runs(config):
+            rows.append({"method": METHODS[name][0], "name": name, "weights": weights,
+                         "train_minutes": round(train_min, 1),
+                         **score(evaluator, pipe, prompts, div_prompts, sampler, n, guidance, extra)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], num_prompts: int, steps: int) -> str:
+    ref = next(r for r in rows if r["steps"] == 50)
+    head = (f"# Methods on the shapes world ({num_prompts} held-out prompts, half under-stated; "
+            f"{steps} training steps each)\n\nFD ratio: FD / the teacher's 50-step FD ({ref['fd']:.2f}); "
+            f"accuracy ratio likewise ({ref['prompt_accuracy']:.3f}). Diversity: 1 is as varied as "
+            "the world's images of a caption.\n\n"
+            "| method | weights | sampler | steps | FD | FD ratio | prompt accuracy | accuracy ratio | diversity |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+    lines = [f"| {r['method']} | {r.get('weights', '')} | {r['sampler']} | {r['steps']} | {r['fd']:.2f} | "
+             f"{r['fd'] / ref['fd']:.2f} | {r['prompt_accuracy']:.3f} | "
+             f"{r['prompt_accuracy'] / ref['prompt_accuracy']:.2f} | "
+             f"{r['diversity']:.2f} |" if "diversity" in r else
+             f"| {r['method']} | | {r['sampler']} | {r['steps']} | {r['fd']:.2f} | {r['fd'] / ref['fd']:.2f} | "
+             f"{r['prompt_accuracy']:.3f} | {r['prompt_accuracy'] / ref['prompt_accuracy']:.2f} | |"
+             for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """FD against sampling steps, one line per (method, weights); the teacher's 50 steps dashed."""
+    from lcm_jax.evaluation.report import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ref = next(r for r in rows if r["steps"] == 50)
+    groups: dict = {}
+    for r in rows:
+        if r is not ref:
+            groups.setdefault(f"{r['method']} {r.get('weights', '')}".strip(), []).append(r)
+    for label, g in groups.items():
+        g = sorted(g, key=lambda r: r["steps"])
+        ax.plot([r["steps"] for r in g], [r["fd"] for r in g], "o-", label=label)
+    ax.axhline(ref["fd"], ls="--", c="k", label="teacher, 50 DDIM steps")
+    ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="FD (log scale)")
+    ax.set_xticks(SAMPLE_STEPS, [str(n) for n in SAMPLE_STEPS])
+    ax.legend(fontsize=6, loc="upper right")
+    _save(plt, fig, path)
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/methods")
+    p.add_argument("--steps", type=int, default=1200, help="training steps of every method")
+    p.add_argument("--num_prompts", type=int, default=500)
+    p.add_argument("--diversity_prompts", type=int, default=25)
+    p.add_argument("--methods", default=",".join(METHODS))
+    a = p.parse_args(argv)
+    names = a.methods.split(",")
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+
+    from absl import logging
+
+    from lcm_jax.pipeline import LCMPipeline
+    from lcm_jax.training import latent_cache
+    from lcm_jax.training.state import sampling_guidance
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
+
+    logging.set_verbosity(logging.WARNING)
+    os.makedirs(a.workdir, exist_ok=True)
+    jsonl = os.path.join(a.workdir, "methods.jsonl")
+    rows = read_rows(jsonl)
+    cache = os.path.join(a.workdir, "latents")
+    base = method_config("lcd", a.steps, cache)
+    latent_cache.build(base, cache)
+    evaluator, prompts = ShapesEvaluator(), heldout_prompts(a.num_prompts)[0]
+    div_prompts = diversity_prompts(a.diversity_prompts)
+    todo = ([None] if not any("weights" not in r for r in rows) else [])
+    todo += [n for n in names if not any(r.get("name") == n for r in rows)]
+    for i, name in enumerate(todo):
+        t0 = time.time()
+        print(f"[{i + 1}/{len(todo)}] {name or 'baselines'}", flush=True)
+        new = (baseline_rows(LCMPipeline.from_pretrained(base.model.teacher), evaluator, prompts, div_prompts,
+                             sampling_guidance(base), base.loss.num_ddim_timesteps) if name is None else
+               method_rows(name, a.workdir, a.steps, cache, evaluator, prompts, div_prompts))
+        with open(jsonl, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+        rows += new
+        print(f"  done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    rows = [r for r in rows if "weights" not in r] + [r for n in names for r in rows if r.get("name") == n]
+    with open(os.path.join(a.workdir, "methods.md"), "w") as f:
+        f.write(markdown(rows, a.num_prompts, a.steps))
+    plot(rows, os.path.join(a.workdir, "methods.png"))
+    print(markdown(rows, a.num_prompts, a.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The methods table's plumbing (lcm_jax/worlds/shapes/methods.py): each method is the demo's config
+with only its own overrides, sampled with its own sampler, and the report's ratios are taken
+against the teacher's 50 steps. The table itself is a long CPU job (README, Status)."""
+import numpy as np
+import pytest
+
+from lcm_jax.config_checks import check_config
+from lcm_jax.worlds.shapes import methods
+from lcm_jax.worlds.shapes import world as shapes
+from lcm_jax.worlds.shapes.configs import shapes_lcd
+
+
+def _flat(config) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+    walk(config, "")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_each_method_is_the_demo_config_with_its_overrides(name):
+    config = methods.method_config(name, 300, "")
+    check_config(config, 1, 1)   # every method's config passes the trainer's checks
+    overrides = methods.METHODS[name][1]
+    base = _flat(shapes_lcd.get_config("lora" if overrides.get("method") == "lcm_lora" else None))
+    expected = {**base, **overrides, "total_steps": 300, "sample_every": 0,
+                "checkpoint_every": min(base["checkpoint_every"], 300),
+                "eval_ema_decay": methods.EVAL_EMA}
+    assert _flat(config) == expected
+    assert config.data.understated == shapes.UNDERSTATED
+
+
+def test_samplers_follow_the_method():
+    lcd = methods.sampler_runs(methods.method_config("lcd", 10, ""))
+    assert [(s, n) for s, n, _ in lcd] == [("lcm", n) for n in methods.SAMPLE_STEPS]
+    tcd = methods.sampler_runs(methods.method_config("tcd", 10, ""))
+    assert {s for s, _, _ in tcd} == {"tcd"} and all(e["gamma"] == 0.3 for _, _, e in tcd)
+    (pcm,) = methods.sampler_runs(methods.method_config("pcm", 10, ""))
+    assert pcm[0] == "tcd" and pcm[1] == 4 and pcm[2]["gamma"] == 0.0
+    assert pcm[2]["timesteps"] == [999, 739, 499, 239]   # the phases' upper edges on the N = 50 grid
+
+
+def test_diversity_prompts_leave_something_out():
+    prompts = methods.diversity_prompts(5, per_prompt=3)
+    assert len(prompts) == 15 and len(set(prompts)) == 5 and prompts[:3] == [prompts[0]] * 3
+    for p in prompts:
+        values = np.concatenate([np.ravel(v) for v in shapes.parse_caption(p).values()])
+        assert shapes.UNSTATED in values, p
+
+
+def test_report_ratios_are_against_the_teachers_fifty_steps(tmp_path):
+    rows = [{"method": "teacher, 50 DDIM steps", "sampler": "ddim", "steps": 50, "fd": 20.0,
+             "prompt_accuracy": 0.4, "diversity": 0.9},
+            {"method": "LCD", "weights": "target", "sampler": "lcm", "steps": 1, "fd": 50.0,
+             "prompt_accuracy": 0.2, "diversity": 0.5},
+            {"method": "ideal LCM", "sampler": "lcm", "steps": 1, "fd": 30.0, "prompt_accuracy": 0.3}]
+    text = methods.markdown(rows, 10, 100)
+    assert "| LCD | target | lcm | 1 | 50.00 | 2.50 | 0.200 | 0.50 | 0.50 |" in text
+    assert "| ideal LCM | | lcm | 1 | 30.00 | 1.50 | 0.300 | 0.75 | |" in text
+    methods.plot(rows, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="unknown"):
+        methods.main(["--methods", "lcd,nope", "--workdir", str(tmp_path)])
