@@ -44,15 +44,26 @@ def test_distillation_brings_one_step_output_to_the_teachers_ode_endpoint(rows, 
         assert e[-1] < 0.9 * e[0], (t, e)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_lcm_has_at_most_half_the_fd_of_ddim_and_dpm(rows, steps):
-    lcm = _row(rows, "LCM", "lcm", steps)
-    for sampler in ("ddim", "dpm"):
-        base = _row(rows, "teacher", sampler, steps)
-        assert lcm.fd <= 0.5 * base.fd, (steps, sampler, lcm.fd, base.fd)
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("baseline", ["ddim", "dpm", "lcm"])
+def test_lcm_has_at_most_half_the_fd_of_the_baselines(rows, steps, baseline):
+    """Distillation earns its keep: at 1, 2 and 4 steps the LCM's FD is at most half that of the
+    teacher's DDIM / DPM-Solver++ and of the undistilled student under the LCM sampler."""
+    lcm, base = _row(rows, "LCM", "lcm", steps), _row(rows, "teacher", baseline, steps)
+    assert lcm.fd <= 0.5 * base.fd, (steps, baseline, lcm.fd, base.fd)
 
 
-def test_lcm_four_steps_close_to_teacher_fifty(rows):
+# The aims against the teacher's 50 steps: FD within 2x at 1 step, 1.2x at 2, at most 1x at 4
+# with at least 0.95x its prompt accuracy.
+AIMS = {1: 2.0, 2: 1.2, 4: 1.0}
+
+
+@pytest.mark.parametrize("steps", sorted(AIMS))
+def test_lcm_fd_close_to_teacher_fifty(rows, steps):
+    lcm, ref = _row(rows, "LCM", "lcm", steps), _row(rows, "teacher", "ddim", 50)
+    assert lcm.fd <= AIMS[steps] * ref.fd, (steps, lcm.fd, ref.fd)
+
+
+def test_lcm_four_steps_keeps_the_teachers_prompt_accuracy(rows):
     lcm, ref = _row(rows, "LCM", "lcm", 4), _row(rows, "teacher", "ddim", 50)
-    assert lcm.fd <= 1.5 * ref.fd, (lcm.fd, ref.fd)
-    assert lcm.prompt_accuracy >= 0.9 * ref.prompt_accuracy, (lcm.prompt_accuracy, ref.prompt_accuracy)
+    assert lcm.prompt_accuracy >= 0.95 * ref.prompt_accuracy, (lcm.prompt_accuracy, ref.prompt_accuracy)

@@ -12,16 +12,24 @@ import torch
 from lcm_jax.worlds.shapes.autoencoder_loss import make_autoencoder_loss, reconstruction_error
 
 from lcm_jax.worlds.shapes import TEACHER_DIR as TEACHER
-# 50-step DDIM, CFG GUIDANCE, 32 held-out prompts. The shipped teacher (README.md, 256 prompts:
-# prompt accuracy 0.316, background 1.0, position 0.98, colour 0.60, shape 0.52) measured on
-# these 32: prompt accuracy 0.281, background 1.0, position 1.0, colour 0.531 (chance about
-# 0.14), shape 0.469. The thresholds leave room for the last digits of another CPU.
+# 50-step DDIM, CFG GUIDANCE, 32 held-out prompts, fully stated (0.0) and half under-stated (0.5,
+# accuracy judging what each prompt states). The shipped teacher measured on these 32 (its README
+# has 256): below. The thresholds leave room for the last digits of another CPU; colour chance
+# is about 0.14.
 GUIDANCE = 5.0
 NUM_PROMPTS = 32
-MEASURED = {"prompt_accuracy": 0.281, "acc/background": 1.0, "acc/position": 1.0,
-            "acc/color": 0.531, "acc/shape": 0.469}
-MIN_ACCURACY = {"prompt_accuracy": 0.15, "acc/background": 0.9, "acc/position": 0.85,
-                "acc/color": 0.35, "acc/shape": 0.3}
+MEASURED = {0.0: {"prompt_accuracy": 0.219, "acc/background": 1.0, "acc/position": 0.969,
+                  "acc/color": 0.5, "acc/shape": 0.375},
+            0.5: {"prompt_accuracy": 0.25, "acc/background": 1.0, "acc/position": 0.806,
+                  "acc/color": 0.4, "acc/shape": 0.406}}
+MIN_ACCURACY = {0.0: {"prompt_accuracy": 0.1, "acc/background": 0.9, "acc/position": 0.85,
+                      "acc/color": 0.3, "acc/shape": 0.25},
+                0.5: {"prompt_accuracy": 0.1, "acc/background": 0.9, "acc/position": 0.65,
+                      "acc/color": 0.25, "acc/shape": 0.25}}
+# Per-caption diversity of 8 samples of 4 under-stated prompts (1: as varied as real images of
+# them): 0.91 for the shipped teacher, 0.18 for the previous build, trained on fully stated
+# captions only (it draws one image per caption).
+MEASURED_DIVERSITY, MIN_DIVERSITY = 0.91, 0.6
 
 
 def _rel_err(jax_out, torch_out) -> float:
@@ -80,18 +88,42 @@ def test_diffusers_pipeline_matches_lcm_jax(jax_parts):
     assert _rel_err(img_j, img_t) <= 1e-5
 
 
-def test_teacher_ddim_follows_heldout_prompts():
-    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
+@pytest.fixture(scope="module")
+def teacher_pipe():
     from lcm_jax.pipeline import LCMPipeline
+    return LCMPipeline.from_pretrained(TEACHER)
 
-    prompts, _ = heldout_prompts(NUM_PROMPTS)
-    pipe = LCMPipeline.from_pretrained(TEACHER)
-    images = pipe(prompts, num_inference_steps=50, guidance_scale=GUIDANCE, height=64, width=64,
-                  seed=0, sampler="ddim")
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator
+    return ShapesEvaluator()
+
+
+def _ddim(pipe, prompts):
+    return pipe(prompts, num_inference_steps=50, guidance_scale=GUIDANCE, height=64, width=64,
+                seed=0, sampler="ddim")
+
+
+@pytest.mark.parametrize("understated", [0.0, 0.5])
+def test_teacher_ddim_follows_heldout_prompts(teacher_pipe, evaluator, understated):
+    from lcm_jax.worlds.shapes.evaluator import heldout_prompts
+
+    prompts, _ = heldout_prompts(NUM_PROMPTS, understated=understated)
+    images = _ddim(teacher_pipe, prompts)
     assert images.shape == (NUM_PROMPTS, 64, 64, 3)
-    acc = ShapesEvaluator().prompt_accuracy(images, prompts)
-    for key, low in MIN_ACCURACY.items():
-        assert acc[key] >= low, f"teacher {key} {acc[key]} < {low} (measured {MEASURED[key]}): {acc}"
+    acc = evaluator.prompt_accuracy(images, prompts)
+    for key, low in MIN_ACCURACY[understated].items():
+        assert acc[key] >= low, f"teacher {key} {acc[key]} < {low} (measured {MEASURED[understated][key]}): {acc}"
+
+
+def test_teacher_varies_what_a_prompt_leaves_out(teacher_pipe, evaluator):
+    """8 samples of each of 4 under-stated prompts vary about as much as real images of them."""
+    from lcm_jax.worlds.shapes.methods import diversity_prompts
+
+    prompts = diversity_prompts(4)
+    diversity = evaluator.diversity(_ddim(teacher_pipe, prompts), prompts)
+    assert diversity >= MIN_DIVERSITY, (diversity, MEASURED_DIVERSITY)
 
 
 def test_autoencoder_loss_is_reconstruction_plus_beta_kl():

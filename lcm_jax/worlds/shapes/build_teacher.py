@@ -148,7 +148,7 @@ def text_encoder_note(out_dir: str) -> str:
     with open(path) as f:
         r = json.load(f)
     return (f"pretrained on captions for {r['pretrain_steps']} steps with the cell-attribute probe "
-            f"of `lcm_jax/train_text_encoder.py` (held-out caption accuracy "
+            f"of `lcm_jax/worlds/shapes/train_text_encoder.py` (held-out caption accuracy "
             f"{r['heldout_caption_accuracy']:.3f})")
 
 

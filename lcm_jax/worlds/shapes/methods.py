@@ -10,8 +10,8 @@ prompt accuracy on --num_prompts held-out prompts (half of which leave attribute
 per-caption diversity of 8 samples of --diversity_prompts under-stated prompts. Runs keep a slow
 evaluation EMA of the student (eval_ema_decay) beside the target network, and both are scored.
 The baselines share the table: the teacher's 50 DDIM steps, DDIM and DPM-Solver++ at the same
-steps, the undistilled student under the LCM sampler, and the ideal LCM (the teacher's own ODE
-chain as the consistency function). Writes WORKDIR/methods.{jsonl,md,png}; finished methods are
+steps, the undistilled student under the LCM sampler, and with --oracle the ideal LCM (the
+teacher's own ODE chain as the consistency function). Writes WORKDIR/methods.{jsonl,md,png}; finished methods are
 read back from methods.jsonl, not redone.
 """
 from __future__ import annotations
@@ -98,9 +98,11 @@ def score(evaluator, pipe, prompts, div_prompts, sampler, steps, guidance, extra
             "prompt_accuracy": m["prompt_accuracy"], "diversity": div, "seconds": round(time.time() - t0, 1)}
 
 
-def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float, grid: int) -> list[dict]:
+def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float, grid: int,
+                  oracle: bool) -> list[dict]:
     """The teacher's rows: 50 DDIM steps, DDIM / DPM-Solver++ and the undistilled student (LCM
-    sampler, no CFG) at SAMPLE_STEPS, and the ideal LCM."""
+    sampler, no CFG) at SAMPLE_STEPS, and with `oracle` the ideal LCM (50 teacher steps per
+    sampler step: the costliest rows)."""
     from lcm_jax.evaluation.harness import oracle_generate
 
     runs = [("teacher, 50 DDIM steps", "ddim", 50, TEACHER_GUIDANCE)]
@@ -109,7 +111,7 @@ def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float,
     runs += [("not distilled (teacher under the LCM sampler)", "lcm", n, 1.0) for n in SAMPLE_STEPS]
     rows = [{"method": name, **score(evaluator, teacher, prompts, div_prompts, s, n, g, {})}
             for name, s, n, g in runs]
-    for n in SAMPLE_STEPS:
+    for n in SAMPLE_STEPS if oracle else ():
         m = evaluator(oracle_generate(teacher, prompts, n, lcm_guidance, num_ddim_timesteps=grid), prompts)
         rows.append({"method": "ideal LCM (the teacher's ODE chain)", "sampler": "lcm", "steps": n,
                      "guidance": lcm_guidance, "fd": m["fd"], "prompt_accuracy": m["prompt_accuracy"]})
@@ -193,6 +195,10 @@ def main(argv=None) -> None:
     p.add_argument("--num_prompts", type=int, default=500)
     p.add_argument("--diversity_prompts", type=int, default=25)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--oracle", action="store_true", help="also score the ideal LCM (slow)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="score the teacher's rows (--no-baselines: another process of the same "
+                        "table does)")
     a = p.parse_args(argv)
     names = a.methods.split(",")
     unknown = sorted(set(names) - set(METHODS))
@@ -215,19 +221,21 @@ def main(argv=None) -> None:
     latent_cache.build(base, cache)
     evaluator, prompts = ShapesEvaluator(), heldout_prompts(a.num_prompts)[0]
     div_prompts = diversity_prompts(a.diversity_prompts)
-    todo = ([None] if not any("weights" not in r for r in rows) else [])
+    todo = [None] if a.baselines and not any("weights" not in r for r in rows) else []
     todo += [n for n in names if not any(r.get("name") == n for r in rows)]
     for i, name in enumerate(todo):
         t0 = time.time()
         print(f"[{i + 1}/{len(todo)}] {name or 'baselines'}", flush=True)
         new = (baseline_rows(LCMPipeline.from_pretrained(base.model.teacher), evaluator, prompts, div_prompts,
-                             sampling_guidance(base), base.loss.num_ddim_timesteps) if name is None else
+                             sampling_guidance(base), base.loss.num_ddim_timesteps, a.oracle) if name is None else
                method_rows(name, a.workdir, a.steps, cache, evaluator, prompts, div_prompts))
         with open(jsonl, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         rows += new
         print(f"  done in {(time.time() - t0) / 60:.1f} min", flush=True)
     rows = [r for r in rows if "weights" not in r] + [r for n in names for r in rows if r.get("name") == n]
+    if not any(r["steps"] == 50 for r in rows):
+        return   # the report needs the teacher's 50 steps
     with open(os.path.join(a.workdir, "methods.md"), "w") as f:
         f.write(markdown(rows, a.num_prompts, a.steps))
     plot(rows, os.path.join(a.workdir, "methods.png"))
