@@ -63,6 +63,9 @@ def test_report_ratios_are_against_the_teachers_fifty_steps(tmp_path):
     text = methods.markdown(rows, 10, 100)
     assert "| LCD | target | lcm | 1 | 50.00 | 2.50 | 0.200 | 0.50 | 0.50 |" in text
     assert "| ideal LCM | | lcm | 1 | 30.00 | 1.50 | 0.300 | 0.75 | |" in text
+    compact = methods.compact_markdown(rows + [dict(rows[1], steps=4, fd=25.0)])
+    assert "| LCD | target | 50.0 / 25.0 | 0.200 / 0.200 | 0.50 / 0.50 |" in compact
+    assert "| ideal LCM |  | 30.0 / - | 0.300 / - | - / - |" in compact
     methods.plot(rows, str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="unknown"):

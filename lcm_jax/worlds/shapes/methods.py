@@ -160,6 +160,22 @@ def markdown(rows: list[dict], num_prompts: int, steps: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def compact_markdown(rows: list[dict]) -> str:
+    """One line per (method, weights): FD, prompt accuracy and diversity at each step count."""
+    groups: dict = {}
+    for r in rows:
+        if r["steps"] != 50:
+            groups.setdefault((r["method"], r.get("weights", "")), {})[r["steps"]] = r
+    steps = sorted({n for g in groups.values() for n in g})
+    head = " / ".join(str(n) for n in steps)
+    lines = [f"| method | weights | FD at {head} steps | prompt accuracy | diversity |", "|---|---|---|---|---|"]
+    for (method, weights), g in groups.items():
+        cell = lambda key, fmt: " / ".join(fmt.format(g[n][key]) if n in g and key in g[n] else "-" for n in steps)
+        lines.append(f"| {method} | {weights} | {cell('fd', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} | "
+                     f"{cell('diversity', '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: str) -> None:
     """FD against sampling steps, one line per (method, weights); the teacher's 50 steps dashed."""
     from lcm_jax.evaluation.report import _pyplot, _save
@@ -237,7 +253,7 @@ def main(argv=None) -> None:
     if not any(r["steps"] == 50 for r in rows):
         return   # the report needs the teacher's 50 steps
     with open(os.path.join(a.workdir, "methods.md"), "w") as f:
-        f.write(markdown(rows, a.num_prompts, a.steps))
+        f.write(markdown(rows, a.num_prompts, a.steps) + "\n" + compact_markdown(rows))
     plot(rows, os.path.join(a.workdir, "methods.png"))
     print(markdown(rows, a.num_prompts, a.steps))
 
