@@ -187,12 +187,14 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         if r is not ref:
             groups.setdefault(f"{r['method']} {r.get('weights', '')}".strip(), []).append(r)
-    for label, g in groups.items():
+    for i, (label, g) in enumerate(groups.items()):
         g = sorted(g, key=lambda r: r["steps"])
-        ax.plot([r["steps"] for r in g], [r["fd"] for r in g], "o-", label=label)
+        style = "o--" if g[0].get("weights") == "eval EMA" else "o-"
+        ax.plot([r["steps"] for r in g], [r["fd"] for r in g], style, color=plt.cm.tab20(i % 20), label=label)
     ax.axhline(ref["fd"], ls="--", c="k", label="teacher, 50 DDIM steps")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="FD (log scale)")
     ax.set_xticks(SAMPLE_STEPS, [str(n) for n in SAMPLE_STEPS])
+    ax.minorticks_off()
     ax.legend(fontsize=6, loc="upper right")
     _save(plt, fig, path)
 
