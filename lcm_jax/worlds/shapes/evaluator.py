@@ -82,7 +82,8 @@ def heldout_prompts(n: int, seed: int = shapes.EVAL_SEED, understated: float = s
     """The first n prompts and stacked attributes of world `seed` (by default the eval split);
     `understated` of them leave attributes out (0: every prompt states everything)."""
     world = shapes.ShapesWorld(seed, understated)
-    return [world.caption(i) for i in range(n)], shapes.stack_attrs([world.attrs(i) for i in range(n)])
+    items = [world.attrs(i) for i in range(n)]
+    return [world.caption(i, a) for i, a in enumerate(items)], shapes.stack_attrs(items)
 
 
 # ---------------------------------------------------------------------------------------------

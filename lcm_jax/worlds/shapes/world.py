@@ -320,14 +320,15 @@ class ShapesWorld:
         """The attributes of sample `index` (without rendering it)."""
         return _draw_attrs(self._rng(index))[0]
 
-    def stated(self, index: int) -> dict:
-        """What the caption of sample `index` states: its attributes, some UNSTATED."""
-        attrs = self.attrs(index)
+    def stated(self, index: int, attrs: Mapping[str, object] | None = None) -> dict:
+        """What the caption of sample `index` states: its attributes (`attrs`, when already
+        drawn), some UNSTATED."""
+        attrs = self.attrs(index) if attrs is None else attrs
         rng = self._rng(index, stream=1) if self.understated else None
-        return understate(attrs, rng) if rng is not None and rng.random() < self.understated else attrs
+        return understate(attrs, rng) if rng is not None and rng.random() < self.understated else dict(attrs)
 
-    def caption(self, index: int) -> str:
-        return caption_from_attrs(self.stated(index))
+    def caption(self, index: int, attrs: Mapping[str, object] | None = None) -> str:
+        return caption_from_attrs(self.stated(index, attrs))
 
     def sample(self, index: int) -> tuple[np.ndarray, str, dict]:
         """Image uint8 (64, 64, 3), caption and attributes of sample `index`."""
@@ -344,7 +345,7 @@ class ShapesWorld:
             raise ValueError("ShapesWorld.batch needs at least one index")
         attrs = stack_attrs([a for a, _ in drawn])
         images = render_batch(attrs, np.stack([j for _, j in drawn]), chunk)
-        return images, [self.caption(i) for i in indices], attrs
+        return images, [self.caption(i, a) for i, (a, _) in zip(indices, drawn)], attrs
 
 
 def render_batch(attrs: Mapping[str, np.ndarray], jitter: np.ndarray, chunk: int = 512) -> np.ndarray:
