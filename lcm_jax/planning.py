@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -100,6 +101,55 @@ def target_devices(topology: str) -> tuple[list, Optional[Chip]]:
         raise ValueError(f"--topology {topology}: cannot compile for TPU here with {path} "
                          f"({str(e).splitlines()[0]})") from e
     return list(devices), CHIPS[chip]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config-only pipeline folders: what `huggingface-cli download ID --include '*.json'` gives
+# ---------------------------------------------------------------------------------------------
+
+_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1}
+# stabilityai/stable-diffusion-xl-base-1.0's component configs (the fields the models read).
+SDXL_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+SDXL_TEXT2_CONFIG = {
+    "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
+    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
+    "layer_norm_eps": 1e-05, "projection_dim": 1280, "bos_token_id": 0, "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+
+def config_folder(model: str, folder: str) -> str:
+    """Writes the config files of 'sd15' or 'sdxl' (no weights) to `folder`: enough to plan."""
+    from lcm_jax.convert.single_file import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
+    parts = {"sd15": {"unet": SD15_UNET_CONFIG, "vae": SD15_VAE_CONFIG, "text_encoder": SD15_TEXT_CONFIG},
+             "sdxl": {"unet": SDXL_UNET_CONFIG, "text_encoder": SD15_TEXT_CONFIG, "text_encoder_2": SDXL_TEXT2_CONFIG,
+                      "vae": {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025}}}
+    if model not in parts:
+        raise ValueError(f"config_folder: unknown model {model!r}; choose one of {sorted(parts)}")
+    index = {}
+    for sub, cfg in {**parts[model], "scheduler": _SCHEDULER}.items():
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        with open(os.path.join(folder, sub, name), "w") as f:
+            json.dump(cfg, f, indent=1)
+        if sub.startswith("text_encoder"):
+            index[sub] = ["transformers", cfg["architectures"][0]]
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Splash attention (Pallas, interpret mode on CPU) against the XLA attention at Stable Diffusion
 shapes, 'auto' choosing it for a TPU mesh, and the SD 1.5 LCD step compiled with it for v5e."""
 import importlib.util
-import json
 import os
 
 import jax
@@ -78,28 +77,13 @@ def test_auto_is_splash_on_a_tpu_mesh():
     assert "tpu_custom_call" not in cpu_text
 
 
-def _config_only_sd15(folder) -> str:
-    """An SD 1.5 pipeline folder of config files only (the planner reads no weights)."""
-    from lcm_jax.convert.single_file import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
-
-    scheduler = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                 "num_train_timesteps": 1000, "prediction_type": "epsilon"}
-    for sub, name, cfg in (("unet", "config.json", SD15_UNET_CONFIG), ("vae", "config.json", SD15_VAE_CONFIG),
-                           ("text_encoder", "config.json", SD15_TEXT_CONFIG),
-                           ("scheduler", "scheduler_config.json", scheduler)):
-        os.makedirs(folder / sub)
-        (folder / sub / name).write_text(json.dumps(cfg))
-    (folder / "model_index.json").write_text(json.dumps({"text_encoder": ["transformers", "CLIPTextModel"]}))
-    return str(folder)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason=NO_LIBTPU)
 def test_sd15_lcd_step_with_splash_compiles_for_v5e(tmp_path):
     from lcm_jax import planning
     from lcm_jax.cli import load_config
 
-    config = load_config(f"{ROOT}/configs/sd15_lcd.py:{_config_only_sd15(tmp_path / 'sd15')}",
+    config = load_config(f"{ROOT}/configs/sd15_lcd.py:{planning.config_folder('sd15', str(tmp_path / 'sd15'))}",
                          ["mesh.data=1", "mesh.fsdp=4"])
     plan = planning.plan_step(config, "v5e-4", batch_size=4)
     assert plan.fits, planning.format_plan(plan)

@@ -53,9 +53,12 @@ def _launch(workdir: str, config: list[str]) -> list[subprocess.Popen]:
             f"--coordinator=127.0.0.1:{_free_port()}", f"--num_processes={PROCESSES}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env,
-                              stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT)
-             for i in range(PROCESSES)]  # files, not pipes: nobody reads them while it runs
+    procs = []
+    for i in range(PROCESSES):  # files, not pipes: nobody reads them while it runs
+        log = tempfile.TemporaryFile()
+        procs.append(subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        procs[-1].log = log  # Popen keeps no handle of a file it was given
     LAUNCHED.extend(procs)
     return procs
 
@@ -75,11 +78,11 @@ def _no_process_left():
 
 
 def _output(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read().decode(errors="replace")
+    proc.log.seek(0)
+    return proc.log.read().decode(errors="replace")
 
 
-def _wait(procs, timeout=1200) -> list[str]:
+def _wait(procs, timeout=2400) -> list[str]:
     for p in procs:
         p.wait(timeout=timeout)
     outs = [_output(p) for p in procs]
@@ -87,7 +90,7 @@ def _wait(procs, timeout=1200) -> list[str]:
     return outs
 
 
-def _wait_for(condition, procs, what: str, timeout=1200) -> None:
+def _wait_for(condition, procs, what: str, timeout=2400) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert all(p.poll() is None for p in procs), f"the run ended before {what}"

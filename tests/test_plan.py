@@ -98,3 +98,25 @@ def test_search_batch_doubles_then_bisects(monkeypatch):
     best, plans = planning.search_batch(load_config(os.path.join(ROOT, "configs/tiny_lcd.py")), "v5e-4")
     assert best == 5
     assert [p.batch_size // 4 for p in plans] == [1, 2, 4, 8, 6, 5]
+
+
+# Public parameter counts of the released models (diffusers / transformers `num_parameters()`).
+PUBLIC_COUNTS = {"sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+                 "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                          "text_encoder_2": 694_659_840}}
+
+
+@pytest.mark.parametrize("model, config", [("sd15", "sd15_lcd.py"), ("sdxl", "sdxl_lcd.py")])
+def test_config_folders_build_the_released_models(tmp_path, model, config):
+    import jax
+    import numpy as np
+
+    from lcm_jax import planning
+    from lcm_jax.cli import load_config
+
+    folder = planning.config_folder(model, str(tmp_path / model))
+    models = planning.abstract_models(load_config(f"{ROOT}/configs/{config}:{folder}"))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    got = {k: count(models.frozen[k]) for k in PUBLIC_COUNTS[model] if k != "unet"}
+    got["unet"] = count(models.frozen["teacher"])
+    assert got == PUBLIC_COUNTS[model]
