@@ -5,7 +5,7 @@
     lcm-jax export  --workdir runs/x --out DIR [--weights sampling|ema|eval_ema|online] [--lora-format peft|kohya]
     lcm-jax cache   --config CONFIG --out DIR         # encode a dataset once: an on-disk latent cache
     lcm-jax eval    --teacher DIR --lcm DIR [--evaluator MODULE:FACTORY]  # steps-vs-quality table
-    lcm-jax plan    --config CONFIG --topology v5e-16 [--search-batch]  # bytes, FLOPs, step time
+    lcm-jax plan    --config CONFIG --topology v5e-16 [--search-batch] [--sampler-steps 4]  # bytes, FLOPs, step time
 
 Bad input (a missing folder, a wrong key, a bad size) prints one line `lcm-jax <cmd>: error: ...`
 and exits with status 2; `--debug` (or LCM_JAX_DEBUG=1) shows the traceback.
@@ -330,6 +330,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         best, plans = planning.search_batch(config, args.topology)
         tried = ", ".join(f"{p.batch_size // p.devices}:{'fits' if p.fits else 'no'}" for p in plans)
         print(f"largest per-device batch that fits: {best} (tried {tried})")
+    if args.sampler_steps:
+        t0 = time.time()
+        plan = planning.plan_sampler(config, args.topology, args.sampler_batch, args.sampler_steps)
+        print(f"sampler, {args.sampler_steps} steps and the VAE decode:\n" + planning.format_plan(plan), flush=True)
+        print(f"compiled in {time.time() - t0:.1f}s")
 
 
 # =============================================================================================
@@ -464,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--search-batch", action="store_true",
                    help="also find the largest per-device batch that fits, by compiling")
+    p.add_argument("--sampler-steps", type=int, default=0, metavar="N",
+                   help="also plan the run's N-step sampler and VAE decode (inference, data-parallel, "
+                        "--sampler-batch images)")
+    p.add_argument("--sampler-batch", type=int, default=None, help="global sampler batch (default: one per device)")
 
     v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)", **fmt)
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import schedules, sharding
+from lcm_jax import accounting, schedules, sharding
 from lcm_jax.components import read_json
 from lcm_jax.config_checks import division_problems, field_problems, name_problems
 from lcm_jax.convert.clip import _module_class
@@ -299,10 +299,33 @@ def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
                  for k in ("params", "opt_state", "target_params")},
                 {k: sharding.per_device_bytes(v, parts.frozen_sh[k]) for k, v in frozen.items()}, chip=chip)
     batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch))
+    return _compile(plan, mesh, parts.step_fn, state, abstract(frozen, parts.frozen_sh), batch)
+
+
+def count_flops(mesh, fn, *args) -> float:
+    """FLOPs per device of jitted `fn`: XLA's cost analysis of the global program traced in
+    accounting mode (XLA attention, loops unrolled: `lcm_jax.accounting`), over the devices.
+    Only lowered, not compiled; the compiled program's own count misses loop trips and kernels."""
+    with jax.set_mesh(mesh), accounting.counting():
+        lowered = jax.jit(lambda *a: fn.__wrapped__(*a)).lower(*args)  # a new function: a new trace
+    cost = lowered.cost_analysis()
+    if cost is None:  # libtpu's compile-only client has none: XLA's HLO cost analysis on the host's
+        from jax._src.lib import _jax  # no public door to it for a lowered program
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                             lowered.compiler_ir("hlo").as_hlo_module())
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) / mesh.size
+
+
+def _compile(plan: Plan, mesh, fn, *args) -> Plan:
+    """Compiles jitted `fn` on abstract `args` under `mesh` ('auto' attention resolves for the
+    target's platform) and fills in XLA's memory and byte figures, FLOPs from `count_flops`.
+    XLA's out-of-memory refusal is a figure (`plan.refused`); any other error is raised."""
+    plan.flops = count_flops(mesh, fn, *args)
     try:
-        with jax.set_mesh(mesh):  # 'auto' attention resolves for the target's platform
-            compiled = parts.step_fn.lower(state, abstract(frozen, parts.frozen_sh), batch).compile()
-    except Exception as e:  # XLA's out-of-memory refusal is a figure, anything else an error
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args).compile()
+    except Exception as e:
         if not _is_oom(e):
             raise
         plan.refused = str(e).strip().splitlines()[0]
@@ -312,8 +335,45 @@ def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
     plan.alias_bytes, plan.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    plan.flops, plan.bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    plan.bytes_accessed = float(cost.get("bytes accessed", 0.0))
     return plan
+
+
+def plan_sampler(config, topology: str, batch_size: Optional[int] = None, steps: int = 4) -> Plan:
+    """The run's own `steps`-step sampler and VAE decode (`training.samples.make_sampler`, what its
+    sample grids run) compiled for `topology`, from text embeddings on: data-parallel, weights
+    replicated. `batch_size` is global, default one image per device."""
+    from lcm_jax.training.samples import grid_samplers, make_sampler
+
+    devices, chip = target_devices(topology)
+    config = config.copy_and_resolve_references()
+    models = abstract_models(config)
+    if models.vae is None:
+        raise ValueError(f"plan --sampler: model.teacher={config.model.teacher!r} has no VAE to decode with")
+    if steps not in grid_samplers(config, models.schedule.num_train_timesteps):
+        raise ValueError(f"plan --sampler: --steps {steps} is not one of the run's samplers "
+                         f"{sorted(grid_samplers(config, models.schedule.num_train_timesteps))}")
+    b, mesh = batch_size or len(devices), sharding.make_mesh(len(devices), 1, devices)
+    keep = ("vae", "teacher") if config.method == "lcm_lora" else ("vae",)  # LoRA rides on the teacher
+    weights = {"params": models.init_params, "frozen": {k: models.frozen[k] for k in keep}}
+    c, s, n = models.unet.config, config.data.latent_size, config.data.text_len
+    inputs = {"latents": jax.ShapeDtypeStruct((b, s, s, c.in_channels), jnp.float32),
+              "text": jax.ShapeDtypeStruct((b, n, c.cross_attention_dim[0]), jnp.float32), "added": None}
+    if c.addition_embed_type == "text_time":
+        pooled = c.to_diffusers()["projection_class_embeddings_input_dim"] - 6 * c.addition_time_embed_dim
+        inputs["added"] = {"text_embeds": jax.ShapeDtypeStruct((b, pooled), jnp.float32),
+                           "time_ids": jax.ShapeDtypeStruct((b, 6), jnp.float32)}
+    sample = make_sampler(config, models)
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    plan = Plan(topology, len(devices), b, {"params": sharding.per_device_bytes(
+        weights["params"], jax.tree.map(lambda _: rep, weights["params"]))},
+        {k: sharding.per_device_bytes(v, jax.tree.map(lambda _: rep, v)) for k, v in weights["frozen"].items()},
+        chip=chip)
+    args = (abstract(weights, jax.tree.map(lambda _: rep, weights)),
+            abstract(inputs, jax.tree.map(lambda _: batch_sh, inputs)),
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+    fn = lambda w, x, rng: sample(w["params"], w["frozen"], x["latents"], x["text"], x["added"], rng, steps)
+    return _compile(plan, mesh, jax.jit(fn), *args)
 
 
 def search_batch(config, topology: str, limit: int = 4096) -> tuple[int, list[Plan]]:

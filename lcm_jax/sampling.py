@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import accounting
 from lcm_jax.schedules import NoiseSchedule, ddim_step, dpm_sigmas, predict_x0_eps, \
     scalings_for_boundary_conditions, x0_eps_from_alpha_sigma
 
@@ -54,7 +55,7 @@ def _run(step_fn: StepFn, carry, xs: dict, debug: bool, return_trajectory: bool)
         c, out = step_fn(c, x_i)
         return c, (out if return_trajectory else None)
 
-    if debug:
+    if debug or accounting.on():  # XLA's cost analysis counts a scan's body once
         num_steps = len(jax.tree.leaves(xs)[0])
         outs = []
         for i in range(num_steps):

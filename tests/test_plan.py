@@ -120,3 +120,77 @@ def test_config_folders_build_the_released_models(tmp_path, model, config):
     got = {k: count(models.frozen[k]) for k in PUBLIC_COUNTS[model] if k != "unet"}
     got["unet"] = count(models.frozen["teacher"])
     assert got == PUBLIC_COUNTS[model]
+
+
+# The shapes LCD's 1- and 2-step samplers planned on cpu:2 (2 images per device): the extra step
+# costs one UNet forward of the student on those 2 images, counted on its own here.
+SAMPLER = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from lcm_jax import planning
+from lcm_jax.cli import load_config
+from lcm_jax.training.models import build_models
+
+config = load_config("lcm_jax/worlds/shapes/configs/shapes_lcd.py")
+plans = {n: planning.plan_sampler(config, "cpu:2", 4, n) for n in (1, 2)}
+models = build_models(config)
+c, s = models.unet.config, config.data.latent_size
+w = jnp.zeros((2, c.time_cond_proj_dim))
+unet = jax.jit(lambda p, x, t, text: models.unet.apply({"params": p}, x, t, text, timestep_cond=w))
+args = (models.init_params, jnp.zeros((2, s, s, c.in_channels)), jnp.zeros((2,), jnp.int32),
+        jnp.zeros((2, config.data.text_len, c.cross_attention_dim[0])))
+nbytes = lambda t: sum(np.asarray(x).nbytes for x in jax.tree.leaves(t))
+print(json.dumps({"flops": [plans[n].flops for n in (1, 2)], "unet": unet.lower(*args).cost_analysis()["flops"],
+                  "params": plans[1].state_bytes["params"], "live_params": nbytes(models.init_params),
+                  "vae": plans[1].frozen_bytes["vae"], "live_vae": nbytes(models.frozen["vae"]),
+                  "runs": plans[1].compiled is not None}))
+"""
+
+
+def test_sampler_plan_counts_every_step():
+    out = _python(SAMPLER, devices=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["params"] == r["live_params"] and r["vae"] == r["live_vae"], r
+    assert r["runs"]
+    # XLA's own count of the compiled scan would be the same for 1 and 2 steps
+    assert r["flops"][1] - r["flops"][0] == pytest.approx(r["unet"], rel=0.01), r
+
+
+# What XLA's cost analysis of the compiled TPU program misses: an 8-step sampler's scan counted as
+# one step, splash attention's kernel as nothing. The planner's count has both.
+TPU_COUNTS = r"""
+import json, jax, jax.numpy as jnp
+from lcm_jax import planning, sampling, schedules, sharding
+from lcm_jax.models import layers
+
+devices, _ = planning.target_devices("v5e-4")
+mesh = sharding.make_mesh(4, 1, devices)
+rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+x = jax.ShapeDtypeStruct((4, 1, 512, 512), jnp.float32, sharding=data)
+w = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=rep)
+ts = schedules.lcm_timesteps(8)
+sampler = lambda model: jax.jit(lambda x, w: sampling.lcm_sample(lambda z, t: model(z, w), x,
+                                                                 schedules.NoiseSchedule(), ts, jax.random.PRNGKey(0)))
+scan, no_model = sampler(lambda z, w: z @ w), sampler(lambda z, w: z)
+q = jax.ShapeDtypeStruct((4, 1024, 2, 64), jnp.bfloat16, sharding=data)
+attend = jax.jit(lambda a: layers.dot_product_attention(a, a, a, implementation="splash"))
+flops = lambda c: (c[0] if isinstance(c, list) else c)["flops"]
+with jax.set_mesh(mesh):
+    compiled = {"scan": flops(scan.lower(x, w).compile().cost_analysis()),
+                "splash": flops(attend.lower(q).compile().cost_analysis())}
+print(json.dumps({"compiled": compiled, "counted": {"scan": planning.count_flops(mesh, scan, x, w),
+                                                    "no_model": planning.count_flops(mesh, no_model, x, w),
+                                                    "splash": planning.count_flops(mesh, attend, q)}}))
+"""
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason=NO_LIBTPU)
+def test_flop_count_sees_loop_trips_and_kernels():
+    out = _python(TPU_COUNTS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    matmuls = 8 * 2 * 4 * 512 ** 3 / 4              # 8 steps of the batch of 4, over 4 devices
+    attention = 2 * 2 * 4 * 2 * 1024 * 1024 * 64 / 4  # QK^T and PV, 2 heads, batch 4 over 4 devices
+    assert r["counted"]["scan"] - r["counted"]["no_model"] == pytest.approx(matmuls, rel=1e-3), r
+    assert r["counted"]["splash"] == pytest.approx(attention, rel=0.05), r  # + the softmax
+    assert r["compiled"]["scan"] < matmuls / 4 and r["compiled"]["splash"] < attention / 100, r  # XLA's own

@@ -225,6 +225,42 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
 
 
+# Process 1's share of step 12's batch is NaN; nothing else differs between the processes.
+POISON_ONE_PROCESS = r"""
+import runpy, sys
+import numpy as np
+from lcm_jax.data import sources
+
+batch = sources.SyntheticLatents.batch
+
+def poisoned(self, step, process_index=0, process_count=1):
+    out = batch(self, step, process_index, process_count)
+    if step == 12 and process_index == 1:
+        out["latents"] = out["latents"] * np.nan
+    return out
+
+sources.SyntheticLatents.batch = poisoned
+sys.argv = ["lcm_jax.train"] + sys.argv[1:]
+runpy.run_module("lcm_jax.train", run_name="__main__")
+"""
+
+
+def test_non_finite_loss_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    workdir = str(tmp_path / "nan")
+    port = 20000 + (os.getpid() + int(time.time())) % 20000
+    args = ["--config=configs/tiny_lcd.py", f"--workdir={workdir}", "--config.total_steps=30",
+            "--config.checkpoint_every=10", "--config.eval_every=0", f"--coordinator=localhost:{port}",
+            "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "-c", POISON_ONE_PROCESS, *args, f"--process_id={i}"],
+                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2, out[-3000:]
+        assert "non-finite loss or gradient at step 13" in out, out[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+
+
 def test_diffusion_training_keeps_an_exact_weight_ema():
     """method='diffusion' with diffusion_ema_decay: target_params is the EMA of the weights after
     every step (what a teacher ships), and the weights themselves train exactly as without it."""

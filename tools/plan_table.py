@@ -35,21 +35,29 @@ def row_settings(row: str) -> tuple[str, list[str], int]:
     return CONFIGS[model, method], [s.format(n=n) for s in SETTINGS[method]], PER_DEVICE_BATCH[model] * n
 
 
-def plan_row(row: str) -> dict:
-    """Compiles one row in this process; its figures as a JSON-able dict."""
+def row_config(row: str):
     from lcm_jax import planning
     from lcm_jax.cli import load_config
 
     config_file, overrides, batch = row_settings(row)
-    model, method, topology = row.split(":")
+    model = row.split(":")[0]
     folder = planning.config_folder(model, os.path.join(tempfile.mkdtemp(), model))
-    config = load_config(f"{ROOT}/{config_file}:{folder}", overrides)
+    return load_config(f"{ROOT}/{config_file}:{folder}", overrides), overrides, batch
+
+
+def plan_row(row: str) -> dict:
+    """Compiles one row in this process; its figures as a JSON-able dict."""
+    from lcm_jax import planning
+
+    config, overrides, batch = row_config(row)
+    topology = row.split(":")[2]
     t0 = time.time()
     plan = planning.plan_step(config, topology, batch)
     return {"row": row, "settings": overrides, "devices": plan.devices, "per_device_batch": batch // plan.devices,
             "state_bytes": plan.state_bytes, "frozen_bytes": plan.frozen_bytes, "temp_bytes": plan.temp_bytes,
             "total_bytes": plan.total_bytes, "hbm_bytes": plan.chip.hbm_bytes, "fits": plan.fits,
-            "refused": plan.refused, "flops": plan.flops, "step_time_s": plan.step_time,
+            "refused": plan.refused, "flops": plan.flops, "bytes_accessed": plan.bytes_accessed,
+            "step_time_s": plan.step_time,
             "peak_flops": plan.chip.peak_bf16_flops, "compile_s": round(time.time() - t0, 1)}
 
 

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import accounting
+
 Dtype = jnp.dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         raise ValueError(f"attention implementation {implementation!r} unknown; choose one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    impl = implementation
+    impl = "xla" if accounting.on() else implementation  # kernels and loops hide their FLOPs
     if impl == "auto":
         impl = _auto_implementation(q, k, mask)
     if impl == "splash":

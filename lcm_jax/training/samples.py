@@ -45,6 +45,28 @@ def grid_samplers(config, num_train_timesteps: int) -> dict[int, tuple[str, np.n
     return {m: ("lcm", schedules.lcm_timesteps(m, n, num_train_timesteps), 0.0) for m in GRID_STEPS}
 
 
+def make_sampler(config, models: Models) -> Callable:
+    """sample(params, frozen, latents, text, added, rng, num_steps) -> images in [0, 1]: the run's
+    own sampler for `num_steps` (`grid_samplers`) on the student, guided through its w-embedding
+    at the middle of the distilled range, then the VAE decode. The sample grids and the planner
+    (`planning.plan_sampler`) both compile this."""
+    student_fn, _ = make_model_fns(config, models)
+    grids = grid_samplers(config, models.schedule.num_train_timesteps)
+    schedule = student_schedule(config, models.schedule)
+    w_emb1 = None  # one row, a constant of the compiled program
+    if uses_w_embedding(config):
+        w_emb1 = guidance_scale_embedding(jnp.full((1,), w_midpoint(config)), config.model.time_cond_proj_dim)
+
+    def sample(params, frozen, latents, text, added, rng, num_steps: int):
+        w_emb = None if w_emb1 is None else jnp.broadcast_to(w_emb1, (latents.shape[0], w_emb1.shape[1]))
+        model_fn = lambda x, t: student_fn(params, frozen, x, t, text, w_emb, added)
+        name, ts, gamma = grids[num_steps]
+        z = sampling.sample(name, model_fn, latents, schedule, ts, rng, gamma=gamma)
+        return decode_latents(models.vae, frozen["vae"], z)
+
+    return sample
+
+
 def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
                      mesh: Mesh) -> Optional[Callable[[TrainState, int], str]]:
     """grid(state, step) -> path of samples/step_XXXXXX.png, called on every process; None when
@@ -54,27 +76,18 @@ def make_sample_grid(config, models: Models, frozen: dict, workdir: str,
     prompts = list(config.sample_prompts)
     ids = tokenize_fn(models)(prompts)
     encode = make_encode(config, models, with_uncond=False)
-    student_fn, _ = make_model_fns(config, models)
     f = models.vae.downsample_factor
     size = config.data.resolution
     shape = (len(prompts), size // f, size // f, models.unet.config.in_channels)
-    w_emb = None
-    if uses_w_embedding(config):
-        w_emb = guidance_scale_embedding(jnp.full((len(prompts),), w_midpoint(config)),
-                                         config.model.time_cond_proj_dim)
     grids = grid_samplers(config, models.schedule.num_train_timesteps)
-    schedule = student_schedule(config, models.schedule)
+    sample = make_sampler(config, models)
 
     @functools.partial(jax.jit, static_argnums=3, out_shardings=sharding.replicated(mesh))
     def images(params, frozen, rng, num_steps: int):
         rng_lat, rng_steps = jax.random.split(rng)
         latents = jax.random.normal(rng_lat, shape, jnp.float32)
         cond = encode(frozen, {"latents": latents, "input_ids": jnp.asarray(ids)}, rng_lat)
-        text, added = cond["prompt_embeds"], cond.get("added_cond")
-        model_fn = lambda x, t: student_fn(params, frozen, x, t, text, w_emb, added)
-        name, ts, gamma = grids[num_steps]
-        z = sampling.sample(name, model_fn, latents, schedule, ts, rng_steps, gamma=gamma)
-        return decode_latents(models.vae, frozen["vae"], z)
+        return sample(params, frozen, latents, cond["prompt_embeds"], cond.get("added_cond"), rng_steps, num_steps)
 
     def grid(state: TrainState, step: int) -> str:
         params, rng = sampling_params(state), jax.random.PRNGKey(GRID_SEED)
