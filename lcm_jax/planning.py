@@ -349,9 +349,9 @@ def plan_sampler(config, topology: str, batch_size: Optional[int] = None, steps:
     config = config.copy_and_resolve_references()
     models = abstract_models(config)
     if models.vae is None:
-        raise ValueError(f"plan --sampler: model.teacher={config.model.teacher!r} has no VAE to decode with")
+        raise ValueError(f"plan --sampler-steps: model.teacher={config.model.teacher!r} has no VAE to decode with")
     if steps not in grid_samplers(config, models.schedule.num_train_timesteps):
-        raise ValueError(f"plan --sampler: --steps {steps} is not one of the run's samplers "
+        raise ValueError(f"plan --sampler-steps {steps}: not one of the run's samplers "
                          f"{sorted(grid_samplers(config, models.schedule.num_train_timesteps))}")
     b, mesh = batch_size or len(devices), sharding.make_mesh(len(devices), 1, devices)
     keep = ("vae", "teacher") if config.method == "lcm_lora" else ("vae",)  # LoRA rides on the teacher
