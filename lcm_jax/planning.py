@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import accounting, schedules, sharding
+from lcm_jax import schedules, sharding
 from lcm_jax.components import read_json
 from lcm_jax.config_checks import division_problems, field_problems, name_problems
 from lcm_jax.convert.clip import _module_class
@@ -27,6 +27,7 @@ from lcm_jax.convert.common import eval_shapes, read_config
 from lcm_jax.convert.unet import unet_shapes
 from lcm_jax.convert.vae import vae_param_shapes
 from lcm_jax.errors import ConfigError
+from lcm_jax.models import accounting
 from lcm_jax.models import lora as lora_lib
 from lcm_jax.models.unet import UNet2DConditionModel
 from lcm_jax.models.vae import AutoencoderKL

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import accounting
+from lcm_jax.models import accounting
 from lcm_jax.schedules import NoiseSchedule, ddim_step, dpm_sigmas, predict_x0_eps, \
     scalings_for_boundary_conditions, x0_eps_from_alpha_sigma
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import accounting
+from lcm_jax.models import accounting
 
 Dtype = jnp.dtype
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lcm_jax import accounting
+from lcm_jax.models import accounting
 from lcm_jax.components import sdxl_text_embeddings, sdxl_time_ids
 from lcm_jax.losses import consistency, diffusion
 from lcm_jax.training.models import Models, make_model_fns, student_prediction, uses_w_embedding
