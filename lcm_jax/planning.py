@@ -305,7 +305,7 @@ def plan_step(config, topology: str, batch_size: Optional[int] = None) -> Plan:
 
 def count_flops(mesh, fn, *args) -> float:
     """FLOPs per device of jitted `fn`: XLA's cost analysis of the global program traced in
-    accounting mode (XLA attention, loops unrolled: `lcm_jax.accounting`), over the devices.
+    accounting mode (XLA attention, loops unrolled: `lcm_jax.models.accounting`), over the devices.
     Only lowered, not compiled; the compiled program's own count misses loop trips and kernels."""
     with jax.set_mesh(mesh), accounting.counting():
         lowered = jax.jit(lambda *a: fn.__wrapped__(*a)).lower(*args)  # a new function: a new trace
