@@ -55,7 +55,7 @@ def _run(step_fn: StepFn, carry, xs: dict, debug: bool, return_trajectory: bool)
         c, out = step_fn(c, x_i)
         return c, (out if return_trajectory else None)
 
-    if debug or accounting.on():  # XLA's cost analysis counts a scan's body once
+    if debug:
         num_steps = len(jax.tree.leaves(xs)[0])
         outs = []
         for i in range(num_steps):
@@ -63,7 +63,7 @@ def _run(step_fn: StepFn, carry, xs: dict, debug: bool, return_trajectory: bool)
             outs.append(out)
         trajectory = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_trajectory else None
     else:
-        carry, trajectory = jax.lax.scan(body, carry, xs)
+        carry, trajectory = jax.lax.scan(body, carry, xs, unroll=accounting.on())  # cost analysis counts one body
     return carry, trajectory
 
 

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lcm_jax.models import accounting
 from lcm_jax.components import sdxl_text_embeddings, sdxl_time_ids
 from lcm_jax.losses import consistency, diffusion
+from lcm_jax.models import accounting
 from lcm_jax.training.models import Models, make_model_fns, student_prediction, uses_w_embedding
 from lcm_jax.training.state import (TrainState, ema_decay, eval_ema_decay, loss_target, sampling_params,
                                     w_midpoint)
@@ -127,12 +127,8 @@ def make_train_step(config, models: Models, tx: optax.GradientTransformation, lr
                 return jax.tree.map(jnp.add, carry, (l, g)), None
 
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            if accounting.on():  # unrolled: XLA's cost analysis counts a scan's body once
-                loss, grads = zero
-                for i in range(accum):
-                    (loss, grads), _ = body((loss, grads), (i, jax.tree.map(lambda x: x[i], micro)))
-            else:
-                (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro),
+                                            unroll=accounting.on())  # cost analysis counts one body
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
