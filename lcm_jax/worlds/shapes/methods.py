@@ -38,6 +38,8 @@ METHODS = {
                  {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}),
     "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95",
                        {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.95}),
+    "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99",
+                       {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.99}),
     "lora": ("LCM-LoRA, no target network (the paper's recipe)", {"method": "lcm_lora"}),
     "lora_ema": ("LCM-LoRA, EMA target", {"method": "lcm_lora", "loss.lora_target_ema": True}),
     "tcd": ("TCD (gamma 0.3 sampler)", {"method": "tcd"}),
