@@ -16,8 +16,8 @@ os.environ.setdefault("LCM_JAX_LATENT_CACHE_DIR", tempfile.mkdtemp(prefix="lcm_j
 
 # Files that start trainers or compile for TPU go first, so that the xdist workers of `make test`
 # (one file at a time each) do not end with one long file running alone.
-HEAVY_FIRST = ("test_plan.py", "test_train.py", "test_export.py", "test_gcs.py", "test_methods.py",
-               "test_evaluate.py", "test_bad_inputs.py")
+HEAVY_FIRST = ("test_train_processes.py", "test_train.py", "test_plan.py", "test_export.py", "test_gcs.py",
+               "test_methods.py", "test_evaluate.py", "test_bad_inputs.py")
 
 
 def pytest_collection_modifyitems(items):
