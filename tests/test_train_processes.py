@@ -12,17 +12,21 @@ import numpy as np
 from test_train import ROOT, TRAIN, _env, _metrics, _run
 
 
+def _two_processes(cmd: list[str]) -> list[subprocess.Popen]:
+    """`cmd` as processes 0 and 1 of one jax.distributed run, one CPU device each."""
+    port = 20000 + (os.getpid() + int(time.time())) % 20000
+    dist = [f"--coordinator=localhost:{port}", "--num_processes=2"]
+    return [subprocess.Popen(cmd + dist + [f"--process_id={i}"], cwd=ROOT, env=_env(1), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+
+
 def test_two_processes_match_one_process_two_devices(tmp_path):
     one = str(tmp_path / "one")
     common = ["--config.total_steps=5", "--config.log_every=1", "--config.eval_every=0",
               "--config.checkpoint_every=5"]
     _run([f"--workdir={one}"] + common, devices=2)
     two = str(tmp_path / "two")
-    port = 20000 + os.getpid() % 20000
-    procs = [subprocess.Popen(TRAIN + [f"--workdir={two}", f"--coordinator=localhost:{port}",
-                                       "--num_processes=2", f"--process_id={i}"] + common,
-                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = _two_processes(TRAIN + [f"--workdir={two}"] + common)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     assert "2 devices, 2 processes" in outs[0]
@@ -45,11 +49,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     run = str(tmp_path / "run")
 
     def launch():
-        port = 20000 + (os.getpid() + int(time.time())) % 20000
-        return [subprocess.Popen(TRAIN + [f"--workdir={run}", f"--coordinator=localhost:{port}",
-                                          "--num_processes=2", f"--process_id={i}"] + common,
-                                 cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        return _two_processes(TRAIN + [f"--workdir={run}"] + common)
 
     procs = launch()
     deadline = time.time() + 900
@@ -92,13 +92,9 @@ runpy.run_module("lcm_jax.train", run_name="__main__")
 
 def test_non_finite_loss_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
     workdir = str(tmp_path / "nan")
-    port = 20000 + (os.getpid() + int(time.time())) % 20000
-    args = ["--config=configs/tiny_lcd.py", f"--workdir={workdir}", "--config.total_steps=30",
-            "--config.checkpoint_every=10", "--config.eval_every=0", f"--coordinator=localhost:{port}",
-            "--num_processes=2"]
-    procs = [subprocess.Popen([sys.executable, "-c", POISON_ONE_PROCESS, *args, f"--process_id={i}"],
-                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+    procs = _two_processes([sys.executable, "-c", POISON_ONE_PROCESS, "--config=configs/tiny_lcd.py",
+                            f"--workdir={workdir}", "--config.total_steps=30", "--config.checkpoint_every=10",
+                            "--config.eval_every=0"])
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 2, out[-3000:]

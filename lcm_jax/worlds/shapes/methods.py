@@ -26,6 +26,8 @@ TEACHER_GUIDANCE = 5.0
 SAMPLE_STEPS = (1, 2, 4)
 EVAL_EMA = 0.999
 
+K100 = {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}  # a grid of 10: k = 100
+
 # name: (description, overrides of configs/shapes_lcd.py)
 METHODS = {
     "lcd": ("LCD, epsilon student (the demo's recipe)", {}),
@@ -34,12 +36,9 @@ METHODS = {
     "lcd_sampler_t": ("LCD, t drawn toward the sampler's timesteps", {"loss.timestep_sampling": "sampler"}),
     "lcd_k40": ("LCD, skipping step k = 40 (N = 25)",
                 {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}),
-    "lcd_k100": ("LCD, skipping step k = 100 (N = 10)",
-                 {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}),
-    "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95",
-                       {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.95}),
-    "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99",
-                       {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.99}),
+    "lcd_k100": ("LCD, skipping step k = 100 (N = 10)", K100),
+    "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95", {**K100, "loss.ema_decay": 0.95}),
+    "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99", {**K100, "loss.ema_decay": 0.99}),
     "lora": ("LCM-LoRA, no target network (the paper's recipe)", {"method": "lcm_lora"}),
     "lora_ema": ("LCM-LoRA, EMA target", {"method": "lcm_lora", "loss.lora_target_ema": True}),
     "tcd": ("TCD (gamma 0.3 sampler)", {"method": "tcd"}),
