@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from lcm_jax.models import layers
-from lcm_jax.planning import libtpu_path
+from test_plan import HAS_LIBTPU, NO_LIBTPU  # one test of "libtpu is here" for both files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_LIBTPU = libtpu_path() is not None  # site-packages or `make libtpu`'s folder
-NO_LIBTPU = "libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler"
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
