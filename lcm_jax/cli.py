@@ -320,9 +320,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     """Compiles the config's train step for a target (no TPU needed) and prints its per-device
     bytes, FLOPs, roofline step time; with --search-batch the largest per-device batch that fits."""
+    import jax
+
     from lcm_jax import planning
 
     config = load_config(args.config, args.set)
+    if args.opt_level:
+        jax.config.update("jax_optimization_level", args.opt_level)
     t0 = time.time()
     print(planning.format_plan(planning.plan_step(config, args.topology, args.batch_size)), flush=True)
     print(f"compiled in {time.time() - t0:.1f}s")
@@ -473,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also plan the run's N-step sampler and VAE decode (inference, data-parallel, "
                         "--sampler-batch images)")
     p.add_argument("--sampler-batch", type=int, default=None, help="global sampler batch (default: one per device)")
+    p.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
+                   help="XLA optimisation level of the compiles (default: XLA's); O0 compiles an SD-size "
+                        "step several times faster, its figures those of a less optimised program")
 
     v = sub.add_parser("eval", help="steps-vs-quality table (default evaluator: the shapes world)", **fmt)
     v.add_argument("--teacher", required=True, help="teacher pipeline folder (no w-embedding)")

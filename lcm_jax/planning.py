@@ -255,6 +255,7 @@ class Plan:
     bytes_accessed: float = 0.0
     chip: Optional[Chip] = None
     refused: str = ""                    # the compiler's reason when it refused (out of memory)
+    opt_level: str = ""                  # jax_optimization_level at compile time ("O0": fast, less optimised)
     compiled: Any = dataclasses.field(default=None, repr=False)  # runs on the target's devices
 
     @property
@@ -274,6 +275,11 @@ class Plan:
         if self.chip is None or self.refused:
             return None
         return max(self.flops / self.chip.peak_bf16_flops, self.bytes_accessed / self.chip.hbm_bandwidth)
+
+
+# What `--opt-level O0` changes, measured on the same row compiled both ways (README, "Planning a run").
+OPT_LEVEL_CAVEAT = ("a faster compile of a less optimised program; its temporaries and bytes accessed "
+                    "are that program's, not the default compile's")
 
 
 def _is_oom(e: Exception) -> bool:
@@ -323,6 +329,7 @@ def _compile(plan: Plan, mesh, fn, *args) -> Plan:
     target's platform) and fills in XLA's memory and byte figures, FLOPs from `count_flops`.
     XLA's out-of-memory refusal is a figure (`plan.refused`); any other error is raised."""
     plan.flops = count_flops(mesh, fn, *args)
+    plan.opt_level = "" if jax.config.jax_optimization_level == "UNKNOWN" else jax.config.jax_optimization_level
     try:
         with jax.set_mesh(mesh):
             compiled = fn.lower(*args).compile()
@@ -409,6 +416,8 @@ def format_plan(plan: Plan) -> str:
     per = plan.batch_size // plan.devices
     lines = [f"target {plan.topology}: {plan.devices} devices, global batch {plan.batch_size} "
              f"({per} per device)", "per device:"]
+    if plan.opt_level:
+        lines.insert(1, f"compiled at XLA optimisation level {plan.opt_level}: {OPT_LEVEL_CAVEAT}")
     for k, v in {**plan.state_bytes, **{f"frozen {k}": v for k, v in plan.frozen_bytes.items()}}.items():
         lines.append(f"  {k:<28}{_gib(v)}")
     if plan.refused:

@@ -36,15 +36,19 @@ print(json.dumps({"plan": plan.state_bytes, "plan_frozen": plan.frozen_bytes, "i
 """
 
 TPU_TINY = r"""
-import json
+import json, jax
 from lcm_jax import planning
 from lcm_jax.cli import load_config
 
 plan = planning.plan_step(load_config("configs/tiny_lcd.py"), "v5e-4")
+jax.config.update("jax_optimization_level", "O0")  # what `lcm-jax plan --opt-level O0` sets
+fast = planning.plan_step(load_config("configs/tiny_lcd.py"), "v5e-4")
 chip = planning.CHIPS["v5e"]
 print(json.dumps({"fits": plan.fits, "flops": plan.flops, "bytes": plan.bytes_accessed,
                   "step_time": plan.step_time, "peak": chip.peak_bf16_flops, "bw": chip.hbm_bandwidth,
-                  "state": plan.state_bytes, "argument": plan.argument_bytes, "devices": plan.devices}))
+                  "state": plan.state_bytes, "argument": plan.argument_bytes, "devices": plan.devices,
+                  "levels": [plan.opt_level, fast.opt_level], "o0_argument": fast.argument_bytes,
+                  "temps": [plan.temp_bytes, fast.temp_bytes], "o0_text": planning.format_plan(fast)}))
 """
 
 
@@ -74,6 +78,11 @@ def test_tpu_plan_of_a_tiny_config():
     assert r["devices"] == 4 and r["fits"] is True and r["flops"] > 0 and r["bytes"] > 0
     assert r["step_time"] == pytest.approx(max(r["flops"] / r["peak"], r["bytes"] / r["bw"]))
     assert r["argument"] >= sum(r["state"].values())
+    # --opt-level O0 reaches libtpu: the same arguments (up to layout padding), another program
+    # (other temporaries), and the plan says which level it was compiled at
+    assert r["levels"] == ["", "O0"] and r["o0_argument"] == pytest.approx(r["argument"], rel=1e-3)
+    assert r["temps"][0] > 0 and r["temps"][1] > 0 and r["temps"][0] != r["temps"][1], r["temps"]
+    assert "compiled at XLA optimisation level O0" in r["o0_text"]
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason=NO_LIBTPU)

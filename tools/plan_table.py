@@ -1,12 +1,13 @@
 """The README's planning table: SD 1.5 and SDXL, LCD and LCM-LoRA, compiled ahead of time for
 TPU slices by `lcm_jax.planning` (the planner behind `lcm-jax plan`), one row per compile.
 
-    python tools/plan_table.py --out docs/plan_table.jsonl [--rows sd15:lcd:v5e-16 ...] [--jobs 2]
+    python tools/plan_table.py --out docs/plan_table.jsonl [--rows sd15:lcd:v5e-16 ...] [--jobs 2] [--opt-level O0]
 
 Each row compiles in its own process (a compile of an SD-size step takes minutes of CPU and
 libtpu's memory is freed when the process ends; `--jobs 2` runs two at once, XLA compiles mostly
 on one core). Rows already in --out are kept, so an interrupted table resumes. The models are
-config-only folders (`planning.config_folder`): no weights, no hub. Prints the markdown table.
+config-only folders (`planning.config_folder`): no weights, no hub. `--opt-level O0` compiles at
+XLA's lowest optimisation level (several times faster; the row says so). Prints the markdown table.
 """
 import argparse
 import json
@@ -53,7 +54,8 @@ def plan_row(row: str) -> dict:
     topology = row.split(":")[2]
     t0 = time.time()
     plan = planning.plan_step(config, topology, batch)
-    return {"row": row, "settings": overrides, "devices": plan.devices, "per_device_batch": batch // plan.devices,
+    return {"row": row, "settings": overrides, "opt_level": plan.opt_level, "devices": plan.devices,
+            "per_device_batch": batch // plan.devices,
             "state_bytes": plan.state_bytes, "frozen_bytes": plan.frozen_bytes, "temp_bytes": plan.temp_bytes,
             "total_bytes": plan.total_bytes, "hbm_bytes": plan.chip.hbm_bytes, "fits": plan.fits,
             "refused": plan.refused, "flops": plan.flops, "bytes_accessed": plan.bytes_accessed,
@@ -71,7 +73,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         model, method, topology = r["row"].split(":")
-        settings = ", ".join(s for s in r["settings"] if not s.startswith("mesh.data=1") and "fsdp=1" not in s)
+        settings = ", ".join([s for s in r["settings"] if not s.startswith("mesh.data=1") and "fsdp=1" not in s]
+                             + ([f"XLA {r['opt_level']}"] if r.get("opt_level") else []))
         state, frozen = sum(r["state_bytes"].values()), sum(r["frozen_bytes"].values())
         head = f"| {model} | {method} | {topology} ({r['devices']}) | {settings} | {r['per_device_batch']} | " \
                f"{_gib(state)} | {_gib(frozen)} |"
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/plan_table.jsonl")
     ap.add_argument("--rows", nargs="+", default=ALL_ROWS, help="model:method:slice, e.g. sd15:lcd:v5e-16")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
+                    help="XLA optimisation level of the compiles (default: XLA's)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a worker: plan rows here
     args = ap.parse_args()
     if args.one:
@@ -109,6 +114,8 @@ def main() -> None:
     todo = [r for r in args.rows if r not in done]
     running: list[tuple[str, subprocess.Popen, float]] = []
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.opt_level:
+        env["JAX_OPTIMIZATION_LEVEL"] = args.opt_level  # read by JAX in each worker
     while todo or running:
         while todo and len(running) < args.jobs:
             row = todo.pop(0)
