@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also plan the run's N-step sampler and VAE decode (inference, data-parallel, "
                         "--sampler-batch images)")
     p.add_argument("--sampler-batch", type=int, default=None, help="global sampler batch (default: one per device)")
-    p.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
+    p.add_argument("--opt-level", choices=("O0", "O1", "O2", "O3"), default=None,  # planning.OPT_LEVELS
                    help="XLA optimisation level of the compiles (default: XLA's); O0 compiles an SD-size "
                         "step several times faster, its figures those of a less optimised program")
 

@@ -277,6 +277,7 @@ class Plan:
         return max(self.flops / self.chip.peak_bf16_flops, self.bytes_accessed / self.chip.hbm_bandwidth)
 
 
+OPT_LEVELS = ("O0", "O1", "O2", "O3")  # jax_optimization_level values `--opt-level` takes
 # What `--opt-level O0` changes, measured on the same row compiled both ways (README, "Planning a run").
 OPT_LEVEL_CAVEAT = ("a faster compile of a less optimised program; its temporaries and bytes accessed "
                     "are that program's, not the default compile's")

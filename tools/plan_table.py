@@ -100,7 +100,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/plan_table.jsonl")
     ap.add_argument("--rows", nargs="+", default=ALL_ROWS, help="model:method:slice, e.g. sd15:lcd:v5e-16")
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"], default=None,
+    from lcm_jax.planning import OPT_LEVELS
+    ap.add_argument("--opt-level", choices=OPT_LEVELS, default=None,
                     help="XLA optimisation level of the compiles (default: XLA's)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a worker: plan rows here
     args = ap.parse_args()
