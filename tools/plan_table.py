@@ -3,11 +3,15 @@ TPU slices by `lcm_jax.planning` (the planner behind `lcm-jax plan`), one row pe
 
     python tools/plan_table.py --out docs/plan_table.jsonl [--rows sd15:lcd:v5e-16 ...] [--jobs 2] [--opt-level O0]
 
+A row is model:method:slice with the settings of SETTINGS; `:key=value,...` after it replaces or
+adds settings (e.g. `sdxl:lcm_lora:v5e-16:mesh.data=4,mesh.fsdp=4`) and is a row of its own.
+
 Each row compiles in its own process (a compile of an SD-size step takes minutes of CPU and
 libtpu's memory is freed when the process ends; `--jobs 2` runs two at once, XLA compiles mostly
 on one core). Rows already in --out are kept, so an interrupted table resumes. The models are
 config-only folders (`planning.config_folder`): no weights, no hub. `--opt-level O0` compiles at
-XLA's lowest optimisation level (several times faster; the row says so). Prints the markdown table.
+XLA's lowest optimisation level (several times faster; the row says so). Prints the markdown table
+of every row in --out (the README's).
 """
 import argparse
 import json
@@ -31,9 +35,13 @@ ALL_ROWS = [f"{m}:{k}:{t}" for m in ("sd15", "sdxl") for k in ("lcd", "lcm_lora"
 
 
 def row_settings(row: str) -> tuple[str, list[str], int]:
-    model, method, topology = row.split(":")
+    """A row is model:method:slice, optionally :key=value,... replacing or adding to SETTINGS."""
+    model, method, topology, *changes = row.split(":")
     n = DEVICES[topology]
-    return CONFIGS[model, method], [s.format(n=n) for s in SETTINGS[method]], PER_DEVICE_BATCH[model] * n
+    settings = [s.format(n=n) for s in SETTINGS[method]]
+    for change in ",".join(changes).split(",") if changes else []:
+        settings = [s for s in settings if s.split("=")[0] != change.split("=")[0]] + [change]
+    return CONFIGS[model, method], settings, PER_DEVICE_BATCH[model] * n
 
 
 def row_config(row: str):
@@ -72,8 +80,8 @@ def markdown(rows: list[dict]) -> str:
              "frozen GiB | XLA temp GiB | total / HBM GiB | fits | TFLOP / step / chip | roofline step | MFU |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        model, method, topology = r["row"].split(":")
-        settings = ", ".join([s for s in r["settings"] if not s.startswith("mesh.data=1") and "fsdp=1" not in s]
+        model, method, topology = r["row"].split(":")[:3]
+        settings = ", ".join([s for s in r["settings"] if s not in ("mesh.data=1", "mesh.fsdp=1")]
                              + ([f"XLA {r['opt_level']}"] if r.get("opt_level") else []))
         state, frozen = sum(r["state_bytes"].values()), sum(r["frozen_bytes"].values())
         head = f"| {model} | {method} | {topology} ({r['devices']}) | {settings} | {r['per_device_batch']} | " \
@@ -95,10 +103,17 @@ def _read(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def stored_table(path: str) -> str:
+    """The README's table: every row stored in `path`, ALL_ROWS first, then the others in file order."""
+    rows = {r["row"]: r for r in _read(path)}
+    return markdown([rows[r] for r in ALL_ROWS if r in rows] + [r for k, r in rows.items() if k not in ALL_ROWS])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/plan_table.jsonl")
-    ap.add_argument("--rows", nargs="+", default=ALL_ROWS, help="model:method:slice, e.g. sd15:lcd:v5e-16")
+    ap.add_argument("--rows", nargs="+", default=ALL_ROWS, help="model:method:slice[:key=value,...], e.g. sd15:lcd:v5e-16 or "
+                    "sdxl:lcm_lora:v5e-16:mesh.data=4,mesh.fsdp=4")
     ap.add_argument("--jobs", type=int, default=1)
     from lcm_jax.planning import OPT_LEVELS
     ap.add_argument("--opt-level", choices=OPT_LEVELS, default=None,
@@ -127,8 +142,7 @@ def main() -> None:
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
             print(f"{item[0]}: exit {item[1].returncode} after {time.time() - item[2]:.0f} s", flush=True)
-    rows = {r["row"]: r for r in _read(args.out)}
-    print(markdown([rows[r] for r in args.rows if r in rows]))
+    print(stored_table(args.out))
 
 
 if __name__ == "__main__":
