@@ -70,3 +70,16 @@ def test_report_ratios_are_against_the_teachers_fifty_steps(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="unknown"):
         methods.main(["--methods", "lcd,nope", "--workdir", str(tmp_path)])
+
+
+def test_docs_and_readme_tables_are_the_stored_rows():
+    """docs/shapes_methods.md and README's table are what the report makes of docs/shapes_methods.jsonl."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = methods.read_rows(os.path.join(root, "docs", "shapes_methods.jsonl"))
+    assert any(r["steps"] == 50 for r in rows) and {r["name"] for r in rows if "name" in r} <= set(methods.METHODS)
+    with open(os.path.join(root, "docs", "shapes_methods.md")) as f:
+        assert f.read() == methods.markdown(rows, 500, 600) + "\n" + methods.compact_markdown(rows)
+    with open(os.path.join(root, "README.md")) as f:
+        assert methods.compact_markdown(rows) in f.read()

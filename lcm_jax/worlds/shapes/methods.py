@@ -178,25 +178,27 @@ def compact_markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """FD against sampling steps, one line per (method, weights); the teacher's 50 steps dashed."""
+    """FD against sampling steps, one line per (method, weights): a colour per method, its eval EMA
+    dashed; the teacher's 50 steps a black dashed line. The legend sits beside the axes."""
     from lcm_jax.evaluation.report import _pyplot, _save
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(13, 5.5))
     ref = next(r for r in rows if r["steps"] == 50)
     groups: dict = {}
     for r in rows:
         if r is not ref:
-            groups.setdefault(f"{r['method']} {r.get('weights', '')}".strip(), []).append(r)
-    for i, (label, g) in enumerate(groups.items()):
+            groups.setdefault((r["method"], r.get("weights", "")), []).append(r)
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(dict.fromkeys(m for m, _ in groups))}
+    for (method, weights), g in groups.items():
         g = sorted(g, key=lambda r: r["steps"])
-        style = "o--" if g[0].get("weights") == "eval EMA" else "o-"
-        ax.plot([r["steps"] for r in g], [r["fd"] for r in g], style, color=plt.cm.tab20(i % 20), label=label)
+        ax.plot([r["steps"] for r in g], [r["fd"] for r in g], "o--" if weights == "eval EMA" else "o-",
+                color=colours[method], label=f"{method} {weights}".strip())
     ax.axhline(ref["fd"], ls="--", c="k", label="teacher, 50 DDIM steps")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="FD (log scale)")
     ax.set_xticks(SAMPLE_STEPS, [str(n) for n in SAMPLE_STEPS])
     ax.minorticks_off()
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(plt, fig, path)
 
 
@@ -219,7 +221,7 @@ def main(argv=None) -> None:
                    help="score the teacher's rows (--no-baselines: another process of the same "
                         "table does)")
     a = p.parse_args(argv)
-    names = a.methods.split(",")
+    names = [n for n in a.methods.split(",") if n]  # --methods "": the baselines alone
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
