@@ -80,6 +80,6 @@ def test_docs_and_readme_tables_are_the_stored_rows():
     rows = methods.read_rows(os.path.join(root, "docs", "shapes_methods.jsonl"))
     assert any(r["steps"] == 50 for r in rows) and {r["name"] for r in rows if "name" in r} <= set(methods.METHODS)
     with open(os.path.join(root, "docs", "shapes_methods.md")) as f:
-        assert f.read() == methods.markdown(rows, 500, 600) + "\n" + methods.compact_markdown(rows)
+        assert f.read() == methods.report(rows, 500, 600)
     with open(os.path.join(root, "README.md")) as f:
         assert methods.compact_markdown(rows) in f.read()

@@ -36,10 +36,10 @@ ALL_ROWS = [f"{m}:{k}:{t}" for m in ("sd15", "sdxl") for k in ("lcd", "lcm_lora"
 
 def row_settings(row: str) -> tuple[str, list[str], int]:
     """A row is model:method:slice, optionally :key=value,... replacing or adding to SETTINGS."""
-    model, method, topology, *changes = row.split(":")
+    model, method, topology, *changes = row.split(":", 3)
     n = DEVICES[topology]
     settings = [s.format(n=n) for s in SETTINGS[method]]
-    for change in ",".join(changes).split(",") if changes else []:
+    for change in changes[0].split(",") if changes else []:
         settings = [s for s in settings if s.split("=")[0] != change.split("=")[0]] + [change]
     return CONFIGS[model, method], settings, PER_DEVICE_BATCH[model] * n
 

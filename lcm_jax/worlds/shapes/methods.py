@@ -161,6 +161,11 @@ def markdown(rows: list[dict], num_prompts: int, steps: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def report(rows: list[dict], num_prompts: int, steps: int) -> str:
+    """WORKDIR/methods.md (docs/shapes_methods.md): the full table, then the compact one."""
+    return markdown(rows, num_prompts, steps) + "\n" + compact_markdown(rows)
+
+
 def compact_markdown(rows: list[dict]) -> str:
     """One line per (method, weights): FD, prompt accuracy and diversity at each step count."""
     groups: dict = {}
@@ -258,7 +263,7 @@ def main(argv=None) -> None:
     if not any(r["steps"] == 50 for r in rows):
         return   # the report needs the teacher's 50 steps
     with open(os.path.join(a.workdir, "methods.md"), "w") as f:
-        f.write(markdown(rows, a.num_prompts, a.steps) + "\n" + compact_markdown(rows))
+        f.write(report(rows, a.num_prompts, a.steps))
     plot(rows, os.path.join(a.workdir, "methods.png"))
     print(markdown(rows, a.num_prompts, a.steps))
 
