@@ -165,6 +165,10 @@ def path_problems(config) -> list[str]:
         folder = mc[name]
         if folder and not fs.exists(fs.join(folder, "model_index.json")):
             out.append(f"model.{name}={folder!r}: not a diffusers pipeline folder (no model_index.json)")
+    init = mc.get("student_init", "")
+    if init and not fs.exists(fs.join(init, "config.json")):
+        out.append(f"model.student_init={init!r}: not a training workdir (no config.json); name the "
+                   "--workdir of the run the student starts from")
     if not mc.teacher and not mc.unet:
         out.append("model.teacher='': with no teacher folder, model.unet must give a UNet config")
     if data.cache_dir:

@@ -10,7 +10,11 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "lcd"            # 'lcd' | 'lcm_lora' | 'lcf' | 'tcd' | 'pcm' | 'diffusion'
+    c.method = "lcd"            # 'lcd' | 'lcm_lora' | 'lcf' | 'tcd' | 'pcm' | 'guided' | 'diffusion'
+                                # guided: guidance distillation (Meng et al. 2023, stage one), the
+                                #   w-conditioned student learns the teacher's CFG prediction in
+                                #   its own loss.student_prediction; a start for an x0 / v LCD
+                                #   student (model.student_init)
                                 # tcd: trajectory consistency distillation (Zheng et al. 2024), the
                                 #   student maps x_t to x_s, s <= t_n drawn on the grid; sample it
                                 #   with the TCD sampler (gamma). pcm: phased consistency (Wang et
@@ -51,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.teacher_dtype = "float32"  # the frozen teacher may be stored in bfloat16
     c.model.remat = False              # rematerialise UNet blocks to save activation memory
     c.model.init_seed = 0
+    c.model.student_init = ""          # a training workdir: the student starts from its online
+                                       # weights (latest checkpoint) instead of the teacher's; e.g.
+                                       # a method='guided' run that put the teacher into the
+                                       # x0 / v parameterisation of loss.student_prediction
 
     c.loss = ml_collections.ConfigDict()
     c.loss.num_ddim_timesteps = 50  # N, skipping step k = T / N

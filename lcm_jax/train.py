@@ -111,7 +111,7 @@ def setup(config, mesh: Mesh) -> Setup:
     sharding.barrier("lcm_jax_setup")
     frozen = sharding.put_global(frozen, parts.frozen_sh)
     state = jax.jit(parts.init_state, out_shardings=parts.state_sh)(
-        sharding.put_global(models.init_params, parts.state_sh.params))
+        sharding.put_global(checkpoints.initial_params(config, models.init_params), parts.state_sh.params))
     eval_fn = jax.jit(make_eval_loss(config, models), out_shardings=sharding.replicated(mesh))
     endpoint_fn = make_eval_endpoint(config, models)
     if endpoint_fn is not None:

@@ -296,6 +296,16 @@ def test_tcd_converges_to_its_fixed_point_closer_to_the_chain_than_the_teacher()
     assert err0 > 0.01 and err < 0.05 * err0
 
 
+def _teacher_as(student, schedule, scale0, shift0):
+    """The affine epsilon teacher eps = p z + q read as an x0 ('sample') or v student, in float64."""
+    a = schedule.alphas_cumprod.astype(np.float64)
+    p0, q0 = np.asarray(scale0, np.float64), np.asarray(shift0, np.float64)
+    ra, rs = np.sqrt(a), np.sqrt(1 - a)
+    if student == "sample":   # x0 = (z - rs eps) / ra
+        return {"scale": (1 - rs * p0) / ra, "shift": -rs * q0 / ra}
+    return {"scale": ra * p0 - rs * (1 - rs * p0) / ra, "shift": ra * q0 + rs * rs * q0 / ra}  # v = ra eps - rs x0
+
+
 @pytest.mark.parametrize("student,sampling", [("sample", "sampler"), ("v_prediction", "uniform")])
 def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling):
     """LCD, N = 10, a student whose affine output is read as x0 or v (started from the teacher's
@@ -303,13 +313,7 @@ def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling)
     output f(z_t, t) from every grid timestep reaches the teacher's DDIM chain endpoint."""
     from lcm_jax.losses.consistency import extended_grid
     schedule, abar, scale0, shift0 = _setup()
-    a = schedule.alphas_cumprod.astype(np.float64)
-    p0, q0 = np.asarray(scale0, np.float64), np.asarray(shift0, np.float64)
-    ra, rs = np.sqrt(a), np.sqrt(1 - a)
-    if student == "sample":   # x0 = (z - rs eps) / ra
-        init = {"scale": (1 - rs * p0) / ra, "shift": -rs * q0 / ra}
-    else:                     # v = ra eps - rs x0
-        init = {"scale": ra * p0 - rs * (1 - rs * p0) / ra, "shift": ra * q0 + rs * rs * q0 / ra}
+    init = _teacher_as(student, schedule, scale0, shift0)
     teacher_params = {"scale": scale0, "shift": shift0}
     cfg = ConsistencyConfig(num_ddim_timesteps=10, w_min=0.0, w_max=0.0, w_embed_dim=None, loss_type="l2",
                             student_prediction=student, timestep_sampling=sampling)
@@ -334,3 +338,46 @@ def test_lcd_x0_and_v_students_converge_to_the_chain_endpoint(student, sampling)
     err = error(_fit(cfg, schedule, teacher_params, params, 500))
     print(student, sampling, "one-step RMS to the chain endpoints:", err0, err)
     assert err0 > 0.05 and err < 0.1 * err0
+
+
+@pytest.mark.parametrize("student", ["sample", "v_prediction"])
+def test_guidance_distillation_puts_the_teacher_into_the_students_parameterisation(student):
+    """method 'guided' (make_guidance_loss), from the epsilon teacher's weights read as x0 or v (the
+    start that fails LCD): training brings the student's output to the teacher's own prediction
+    in that type, its fixed point, converted in float64, at every timestep."""
+    from lcm_jax.losses.consistency import make_guidance_loss
+
+    schedule, abar, scale0, shift0 = _setup()
+    fixed = _teacher_as(student, schedule, scale0, shift0)
+    a = schedule.alphas_cumprod.astype(np.float64)
+    ra = np.sqrt(a)
+    teacher = {"scale": scale0, "shift": shift0}
+    cfg = ConsistencyConfig(w_min=0.0, w_max=0.0, w_embed_dim=None, student_prediction=student)
+    loss_fn = make_guidance_loss(lambda p, f, z, t, *_: _affine(p, z, t),
+                                 lambda _, f, z, t, *__: _affine(teacher, z, t), schedule, cfg)
+    tx, b = optax.adam(1e-2), 1024
+    text = jnp.zeros((b, 1, 1))
+
+    @jax.jit
+    def step(params, opt, key):
+        k_data, k_loss = jax.random.split(key)
+        batch = {"latents": MU + S * jax.random.normal(k_data, (b,) + SHAPE), "prompt_embeds": text,
+                 "uncond_embeds": text}
+        grads = jax.grad(lambda p: loss_fn(p, None, None, batch, k_loss)[0])(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    params = dict(teacher)
+    opt = tx.init(params)
+    for i in range(1000):
+        params, opt = step(params, opt, jax.random.PRNGKey(i))
+    ts = np.arange(1000)
+    var = a * S ** 2 + 1 - a    # z_t's marginal: RMS of the output difference over it
+
+    def rms(p):
+        dp, dq = np.asarray(p["scale"], np.float64) - fixed["scale"], np.asarray(p["shift"], np.float64) - fixed["shift"]
+        return np.sqrt(dp ** 2 * var + (dp * ra * MU + dq) ** 2)[ts]
+
+    err0, err = rms(teacher), rms(params)
+    print(student, "output RMS to the fixed point: start", err0.mean(), "trained", err.mean(), err.max())
+    assert err0.mean() > 0.3 and err.mean() < 1e-3 * err0.mean() and err.max() < 0.02 * err0.mean()

@@ -505,3 +505,71 @@ def test_diffusion_loss_targets(pred_type):
 def test_diffusion_target_rejects_unknown_type():
     with pytest.raises(ValueError, match="prediction_type must be epsilon, v_prediction or sample, got 'x0'"):
         diffusion.diffusion_target(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), "x0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance distillation into the student's parameterisation (method 'guided')
+# ---------------------------------------------------------------------------------------------
+
+
+def np_guidance_loss(params, teacher, batch, rng, cfg, pred_type, student_pred, T=1000):
+    """Meng et al. 2023, stage one, in float64: t ~ U{0..T-1}, z_t by forward diffusion, the
+    teacher's CFG x0 / eps at w, the student's output regressed onto them in its own type."""
+    f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+    params, teacher = f64(params), f64(teacher)
+    z, c, c_u = (np.asarray(batch[k], np.float64) for k in ("latents", "prompt_embeds", "uncond_embeds"))
+    abar = np_alphas_cumprod(T)
+    rng_t, rng_eps, rng_w = jax.random.split(rng, 3)
+    t = np.asarray(jax.random.randint(rng_t, (B,), 0, T))
+    eps = np.asarray(jax.random.normal(rng_eps, (B, H, W, C), jnp.float32), np.float64)
+    w = np.asarray(jax.random.uniform(rng_w, (B,), jnp.float32, cfg.w_min, cfg.w_max), np.float64)
+    a = abar[t][:, None, None, None]
+    z_t = np.sqrt(a) * z + np.sqrt(1 - a) * eps
+    tf = t.astype(np.float64)
+    x0_c, e_c = np_x0_eps(_net(np, teacher, z_t, tf, c, None), z_t, a, pred_type)
+    x0_u, e_u = np_x0_eps(_net(np, teacher, z_t, tf, c_u, None), z_t, a, pred_type)
+    wb = w[:, None, None, None]
+    x0, e = x0_c + wb * (x0_c - x0_u), e_c + wb * (e_c - e_u)
+    y = {"epsilon": e, "sample": x0, "v_prediction": np.sqrt(a) * e - np.sqrt(1 - a) * x0}[student_pred]
+    out = _net(np, params, z_t, tf, c, np_w_embedding(w, cfg.w_embed_dim))
+    per = np.mean((out - y) ** 2, axis=(1, 2, 3))
+    return per.mean(), per
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("teacher_pred,student", [("epsilon", "v_prediction"), ("epsilon", "sample"),
+                                                  ("epsilon", ""), ("v_prediction", "epsilon")])
+def test_guidance_loss_equals_numpy(teacher_pred, student, seed):
+    cfg = ConsistencyConfig(w_embed_dim=E, student_prediction=student)
+    loss_fn = consistency.make_guidance_loss(student_fn, teacher_fn, schedules.NoiseSchedule(
+        prediction_type=teacher_pred), cfg)
+    rng, batch = jax.random.key(seed), _batch(seed)
+    loss, per = loss_fn(PARAMS, None, FROZEN, batch, rng)
+    ref, ref_per = np_guidance_loss(PARAMS, TEACHER, batch, rng, cfg, teacher_pred, student or teacher_pred)
+    np.testing.assert_allclose(np.asarray(per, np.float64), ref_per, rtol=TOL)
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+
+
+def test_guidance_loss_is_zero_at_the_teacher_read_in_its_own_type():
+    """The fixed point: a student that outputs the teacher's CFG prediction converted to its own
+    type has zero loss and zero gradient (checked with a student that wraps the teacher)."""
+    cfg = ConsistencyConfig(w_embed_dim=E, student_prediction="v_prediction", w_min=2.0, w_max=8.0)
+    abar = jnp.asarray(schedules.NoiseSchedule().alphas_cumprod, jnp.float32)
+
+    def wrapped(params, frozen, z, t, text, w_emb, added):  # w recovered from the batch's draw below
+        both = jnp.concatenate([text, BATCH["uncond_embeds"]])
+        out = _net(jnp, frozen["teacher"], jnp.concatenate([z, z]), jnp.concatenate([t, t]), both, None)
+        a = abar[t][:, None, None, None]
+        x0_c, e_c = schedules.predict_x0_eps(out[:B], z, a, "epsilon")
+        x0_u, e_u = schedules.predict_x0_eps(out[B:], z, a, "epsilon")
+        w = W[:, None, None, None]
+        x0, e = x0_c + w * (x0_c - x0_u), e_c + w * (e_c - e_u)
+        return params["s"] * (jnp.sqrt(a) * e - jnp.sqrt(1 - a) * x0)
+
+    BATCH = _batch(3)
+    rng = jax.random.key(3)
+    W = jax.random.uniform(jax.random.split(rng, 3)[2], (B,), jnp.float32, 2.0, 8.0)
+    loss_fn = consistency.make_guidance_loss(wrapped, teacher_fn, schedules.NoiseSchedule(), cfg)
+    loss, grad = jax.value_and_grad(lambda p: loss_fn(p, None, FROZEN, BATCH, rng)[0])({"s": jnp.float32(1.0)})
+    off = loss_fn({"s": jnp.float32(1.1)}, None, FROZEN, BATCH, rng)[0]
+    assert float(loss) < 1e-10 and abs(float(grad["s"])) < 1e-6 and float(off) > 1e-3

@@ -197,3 +197,39 @@ def test_x0_student_export_samples_the_same_in_diffusers(tmp_path):
     ours = pipe(["a red circle", "a big blue star"], num_inference_steps=2, guidance_scale=6.0, height=64,
                 width=64, latents=latents, noises=noises, original_inference_steps=50)
     assert float(np.abs(ours - ref).max()) <= TOL
+
+
+def test_guided_run_starts_a_v_student_and_bad_starts_are_refused(tmp_path):
+    """method 'guided' with a v student trains (finite losses, the weights move); an LCD run with
+    model.student_init on its workdir starts from its online weights exactly. A start that is
+    not a workdir, reads the output as another type or has other shapes is refused in one line
+    that names model.student_init."""
+    guided = get_config()
+    guided.method, guided.loss.student_prediction = "guided", "v"
+    guided.total_steps, guided.checkpoint_every, guided.eval_every = 3, 3, 0
+    check_config(guided)
+    start = str(tmp_path / "guided")
+    state = train.train_and_evaluate(guided, start)
+    assert int(state.step) == 3 and state.target_params is None
+    lcd = get_config()
+    lcd.loss.student_prediction, lcd.model.student_init = "v", start
+    check_config(lcd)
+    s = train.setup(lcd, sharding.make_mesh(1, 1))
+    _close(s.state.params, state.params, rtol=0, atol=0)
+    _close(s.state.target_params, state.params, rtol=0, atol=0)
+    teacher = jax.device_get(train.setup(get_config(), sharding.make_mesh(1, 1)).state.params)
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+               for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(state.params)))
+
+    bad = [("student_init", str(tmp_path / "nowhere"), "not a training workdir (no config.json)"),
+           ("student_prediction", "x0", "that run's student outputs loss.student_prediction='v'"),
+           ("time_cond_proj_dim", 16, "of shape (32, ")]
+    for field, value, message in bad:
+        config = get_config()
+        config.loss.student_prediction, config.model.student_init = "v", start
+        node = config.loss if field == "student_prediction" else config.model
+        node[field] = value
+        with pytest.raises(ConfigError) as e:
+            check_config(config)
+            train.setup(config, sharding.make_mesh(1, 1))
+        assert "model.student_init=" in str(e.value) and message in str(e.value) and "\n" not in str(e.value)

@@ -24,10 +24,16 @@ def _flat(config) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
-def test_each_method_is_the_demo_config_with_its_overrides(name):
-    config = methods.method_config(name, 300, "")
+def test_each_method_is_the_demo_config_with_its_overrides(name, tmp_path):
+    overrides = dict(methods.METHODS[name][1])
+    start = overrides.get("model.student_init")
+    if start:  # the method a student starts from is a run in the same workdir
+        assert start in methods.METHODS and methods.with_starts([name]) == [start, name]
+        overrides["model.student_init"] = str(tmp_path / start)
+        (tmp_path / start).mkdir()
+        (tmp_path / start / "config.json").write_text("{}")
+    config = methods.method_config(name, 300, "", str(tmp_path))
     check_config(config, 1, 1)   # every method's config passes the trainer's checks
-    overrides = methods.METHODS[name][1]
     base = _flat(shapes_lcd.get_config("lora" if overrides.get("method") == "lcm_lora" else None))
     expected = {**base, **overrides, "total_steps": 300, "sample_every": 0,
                 "checkpoint_every": min(base["checkpoint_every"], 300),

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import schedules
+from lcm_jax.losses.diffusion import diffusion_target
 from lcm_jax.models.layers import guidance_scale_embedding
 
 Params = Any
@@ -215,6 +216,44 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
         per_example = per_example * timestep_weight(abar[t_start], cfg.timestep_weighting, cfg.loss_type)
         terms = ConsistencyTerms(per_example, t_start, t_end, t_to, w, model_pred, target)
         return jnp.mean(per_example), terms
+
+    return loss_fn
+
+
+def make_guidance_loss(student_fn: ModelFn, teacher_fn: ModelFn, schedule: schedules.NoiseSchedule,
+                       cfg: ConsistencyConfig):
+    """Builds loss_fn(params, target_params, frozen, batch, rng) -> (loss, per_example_loss):
+    guidance distillation (Meng et al. 2023, stage one) into the student's parameterisation.
+
+    The w-conditioned student learns the teacher's w-guided prediction at every timestep:
+      t ~ U{0..T-1}, z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, w ~ U[w_min, w_max],
+      (x0_w, eps_w) = x_c + w (x_c - x_u)   (the teacher's CFG, as in LCD's ODE step),
+      L = || F_theta(z_t, w, c, t) - y(x0_w, eps_w) ||^2
+    with y the regression target of the student's output type (diffusion.diffusion_target: eps,
+    v = sqrt(abar) eps_w - sqrt(1 - abar) x0_w, or x0_w). Its fixed point is the teacher under CFG
+    read in the student's parameterisation: the start an x0 or v student of an epsilon teacher
+    needs before LCD (model.student_init), which from the teacher's own weights reads epsilon as
+    x0 or v. `target_params` is unused."""
+    T = schedule.num_train_timesteps
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    pred_type, student_pred = schedule.prediction_type, cfg.student_prediction or schedule.prediction_type
+
+    def loss_fn(params, target_params, frozen, batch, rng):
+        del target_params
+        z, text = batch["latents"], batch["prompt_embeds"]
+        b = z.shape[0]
+        rng_t, rng_eps, rng_w = jax.random.split(rng, 3)
+        t = jax.random.randint(rng_t, (b,), 0, T)
+        eps = jax.random.normal(rng_eps, z.shape, jnp.float32)
+        a = _bcast(abar[t])
+        z_t = jnp.sqrt(a) * z + jnp.sqrt(1.0 - a) * eps
+        w = jax.random.uniform(rng_w, (b,), jnp.float32, cfg.w_min, cfg.w_max)
+        w_emb = guidance_scale_embedding(w, cfg.w_embed_dim) if cfg.w_embed_dim else None
+        x0_w, eps_w = _teacher_cfg(teacher_fn, frozen, z_t, t, text, batch, w, abar, pred_type)
+        y = diffusion_target(x0_w, eps_w, a, student_pred)
+        out = student_fn(params, frozen, z_t, t, text, w_emb, batch.get("added_cond"))
+        per_example = distance(out, y, "l2", 0.0)
+        return jnp.mean(per_example), per_example
 
     return loss_fn
 

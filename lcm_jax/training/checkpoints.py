@@ -215,3 +215,32 @@ def restore_weights(workdir: str, which: str = "sampling", step: Optional[int] =
     finally:
         mngr.close()
     return RestoredWeights(config, unet, tree[field], step)
+
+
+def initial_params(config, params):
+    """The student's starting weights: `params` (the teacher's, with the new leaves), or with
+    model.student_init the trained (online) weights of that run's latest checkpoint, which must
+    have the same tree and shapes and read the UNet's output as this run does (its
+    loss.student_prediction): a guided run (method 'guided') that put the teacher into an x0 or
+    v parameterisation, or any earlier run of the same student."""
+    workdir = config.model.get("student_init", "")
+    if not workdir:
+        return params
+    restored = restore_weights(workdir, "online")
+    mine = config.loss.get("student_prediction", "teacher")
+    theirs = restored.config.get("loss", {}).get("student_prediction", "teacher")
+    if theirs != mine:
+        raise ConfigError(f"model.student_init={workdir!r}: that run's student outputs "
+                          f"loss.student_prediction={theirs!r}, this run's {mine!r}; set the same")
+    shapes = lambda tree: [(path, np.shape(x)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    want, have = shapes(params), dict(shapes(restored.params))
+    for path, shape in want:
+        if have.get(path) != shape:
+            raise ConfigError(f"model.student_init={workdir!r}: its weights have "
+                              f"{jax.tree_util.keystr(path)} of shape {have.get(path)}, this run's "
+                              f"student {shape}; start from a run of the same student")
+    if len(have) != len(want):
+        raise ConfigError(f"model.student_init={workdir!r}: its weights have {len(have)} arrays, this "
+                          f"run's student {len(want)}; start from a run of the same student")
+    print(f"student starts from {workdir} (step {restored.step}, online weights)", flush=True)
+    return restored.params

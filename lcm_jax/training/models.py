@@ -63,8 +63,8 @@ def _with_new_leaves(params: Params, shapes: Params, init: str = "zeros", seed: 
     return traverse_util.unflatten_dict(flat)
 
 
-W_CONDITIONED = ("lcd", "lcf", "tcd", "pcm")  # full students with a w-embedding (time_cond_proj_dim)
-DISTILLED = ("lcd", "lcm_lora", "tcd", "pcm")  # methods that read the frozen teacher
+W_CONDITIONED = ("lcd", "lcf", "tcd", "pcm", "guided")  # full students with a w-embedding (time_cond_proj_dim)
+DISTILLED = ("lcd", "lcm_lora", "tcd", "pcm", "guided")  # methods that read the frozen teacher
 STUDENT_PREDICTIONS = ("teacher",) + tuple(consistency.STUDENT_PREDICTIONS)
 
 

@@ -11,7 +11,7 @@ from flax import struct
 from lcm_jax.training.models import dtype
 
 Params = Any
-METHODS = ("lcd", "lcm_lora", "lcf", "tcd", "pcm", "diffusion")
+METHODS = ("lcd", "lcm_lora", "lcf", "tcd", "pcm", "guided", "diffusion")
 TARGET_EMA = ("lcd", "lcf", "tcd", "pcm")  # methods whose loss reads an EMA target theta- (and
                                            # LCM-LoRA with loss.lora_target_ema)
 

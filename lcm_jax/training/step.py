@@ -41,6 +41,8 @@ def make_loss(config, models: Models):
         return diffusion.make_diffusion_loss(student_fn, models.schedule)
     lc = config.loss
     cfg = consistency_config(config)
+    if config.method == "guided":
+        return consistency.make_guidance_loss(student_fn, teacher_fn, models.schedule, cfg)
     if config.method == "lcf":
         cfg = dataclasses.replace(cfg, w_min=lc.lcf_w, w_max=lc.lcf_w)
     return consistency.make_consistency_loss(student_fn, teacher_fn, models.schedule, cfg)

@@ -33,6 +33,14 @@ METHODS = {
     "lcd": ("LCD, epsilon student (the demo's recipe)", {}),
     "lcd_x0": ("LCD, x0 student", {"loss.student_prediction": "x0"}),
     "lcd_v": ("LCD, v student", {"loss.student_prediction": "v"}),
+    "guided_v": ("teacher guidance-distilled into a v student (not LCD)",
+                 {"method": "guided", "loss.student_prediction": "v", "eval_endpoint_timesteps": ()}),
+    "lcd_v_guided": ("LCD, v student from guided_v", {"loss.student_prediction": "v",
+                                                      "model.student_init": "guided_v"}),
+    "guided_x0": ("teacher guidance-distilled into an x0 student (not LCD)",
+                  {"method": "guided", "loss.student_prediction": "x0", "eval_endpoint_timesteps": ()}),
+    "lcd_x0_guided": ("LCD, x0 student from guided_x0", {"loss.student_prediction": "x0",
+                                                         "model.student_init": "guided_x0"}),
     "lcd_sampler_t": ("LCD, t drawn toward the sampler's timesteps", {"loss.timestep_sampling": "sampler"}),
     "lcd_k40": ("LCD, skipping step k = 40 (N = 25)",
                 {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}),
@@ -47,8 +55,9 @@ METHODS = {
 }
 
 
-def method_config(name: str, steps: int, cache_dir: str):
-    """configs/shapes_lcd.py with METHODS[name]'s overrides, `steps` long, on the shared cache."""
+def method_config(name: str, steps: int, cache_dir: str, workdir: str = ""):
+    """configs/shapes_lcd.py with METHODS[name]'s overrides, `steps` long, on the shared cache; a
+    model.student_init names another method, whose run in `workdir` the student starts from."""
     from lcm_jax.worlds.shapes.configs import shapes_lcd
 
     overrides = METHODS[name][1]
@@ -59,6 +68,8 @@ def method_config(name: str, steps: int, cache_dir: str):
         for p in parents:
             node = node[p]
         node[leaf] = value
+    if config.model.student_init:
+        config.model.student_init = os.path.join(workdir, config.model.student_init)
     config.total_steps = steps
     config.checkpoint_every = min(config.checkpoint_every, steps)
     config.sample_every = 0
@@ -76,6 +87,15 @@ def sampler_runs(config) -> list[tuple[str, int, dict]]:
         return [("tcd", len(ts), {"gamma": 0.0, "timesteps": [int(t) for t in ts]})]
     sampler, extra = ("tcd", {"gamma": 0.3}) if config.method == "tcd" else ("lcm", {})
     return [(sampler, n, extra) for n in SAMPLE_STEPS]
+
+
+def with_starts(names: list[str]) -> list[str]:
+    """`names` with each method a student starts from (model.student_init) run before it."""
+    out: list[str] = []
+    for name in names:
+        start = METHODS[name][1].get("model.student_init")
+        out += [n for n in ((start,) if start else ()) + (name,) if n not in out]
+    return out
 
 
 def diversity_prompts(n: int, per_prompt: int = 8) -> list[str]:
@@ -127,7 +147,7 @@ def method_rows(name: str, workdir: str, steps: int, cache_dir: str, evaluator, 
     from lcm_jax.training.models import build_models
     from lcm_jax.training.state import sampling_guidance
 
-    config = method_config(name, steps, cache_dir)
+    config = method_config(name, steps, cache_dir, workdir)
     t0 = time.time()
     state = train.train_and_evaluate(config, os.path.join(workdir, name))
     train_min = (time.time() - t0) / 60
@@ -248,7 +268,7 @@ def main(argv=None) -> None:
     evaluator, prompts = ShapesEvaluator(), heldout_prompts(a.num_prompts)[0]
     div_prompts = diversity_prompts(a.diversity_prompts)
     todo = [None] if a.baselines and not any("weights" not in r for r in rows) else []
-    todo += [n for n in names if not any(r.get("name") == n for r in rows)]
+    todo += [n for n in with_starts(names) if not any(r.get("name") == n for r in rows)]
     for i, name in enumerate(todo):
         t0 = time.time()
         print(f"[{i + 1}/{len(todo)}] {name or 'baselines'}", flush=True)
@@ -259,7 +279,7 @@ def main(argv=None) -> None:
             f.writelines(json.dumps(r) + "\n" for r in new)
         rows += new
         print(f"  done in {(time.time() - t0) / 60:.1f} min", flush=True)
-    rows = [r for r in rows if "weights" not in r] + [r for n in names for r in rows if r.get("name") == n]
+    rows = [r for r in rows if "weights" not in r] + [r for n in with_starts(names) for r in rows if r.get("name") == n]
     if not any(r["steps"] == 50 for r in rows):
         return   # the report needs the teacher's 50 steps
     with open(os.path.join(a.workdir, "methods.md"), "w") as f:
