@@ -89,3 +89,15 @@ def test_docs_and_readme_tables_are_the_stored_rows():
         assert f.read() == methods.report(rows, 500, 600)
     with open(os.path.join(root, "README.md")) as f:
         assert methods.compact_markdown(rows) in f.read()
+
+
+def test_a_stopped_method_is_not_scored(tmp_path, monkeypatch):
+    """A method whose training stops early (SIGTERM saves and returns) adds no rows: the table
+    must not hold a half-trained row under the full budget's name."""
+    from types import SimpleNamespace
+
+    from lcm_jax import train
+
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: SimpleNamespace(step=7))
+    with pytest.raises(SystemExit, match="lcd: training stopped at step 7 of 300; nothing is scored"):
+        methods.method_rows("lcd", str(tmp_path), 300, "", None, [], [])

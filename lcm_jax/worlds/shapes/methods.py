@@ -37,10 +37,6 @@ METHODS = {
                  {"method": "guided", "loss.student_prediction": "v", "eval_endpoint_timesteps": ()}),
     "lcd_v_guided": ("LCD, v student from guided_v", {"loss.student_prediction": "v",
                                                       "model.student_init": "guided_v"}),
-    "guided_x0": ("teacher guidance-distilled into an x0 student (not LCD)",
-                  {"method": "guided", "loss.student_prediction": "x0", "eval_endpoint_timesteps": ()}),
-    "lcd_x0_guided": ("LCD, x0 student from guided_x0", {"loss.student_prediction": "x0",
-                                                         "model.student_init": "guided_x0"}),
     "lcd_sampler_t": ("LCD, t drawn toward the sampler's timesteps", {"loss.timestep_sampling": "sampler"}),
     "lcd_k40": ("LCD, skipping step k = 40 (N = 25)",
                 {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}),
@@ -150,6 +146,9 @@ def method_rows(name: str, workdir: str, steps: int, cache_dir: str, evaluator, 
     config = method_config(name, steps, cache_dir, workdir)
     t0 = time.time()
     state = train.train_and_evaluate(config, os.path.join(workdir, name))
+    if int(state.step) < config.total_steps:  # stopped (SIGTERM): score nothing, the rerun resumes
+        raise SystemExit(f"{name}: training stopped at step {int(state.step)} of {config.total_steps}; "
+                         "nothing is scored; run the same command again to resume it")
     train_min = (time.time() - t0) / 60
     models, guidance, rows = build_models(config), sampling_guidance(config), []
     for weights in ("target", "eval EMA"):
