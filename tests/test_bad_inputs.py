@@ -128,7 +128,7 @@ TRAINING = [  # (id, workdir, overrides (places' names in {}), the message)
      r"^batch_size=6: must be divisible by optim\.grad_accum_steps=4 \(equal micro-batches\)$"),
     ("accum_0", "new", dict(optim__grad_accum_steps=0), r"^optim\.grad_accum_steps=0: must be an integer >= 1$"),
     ("method_foo", "new", dict(method="foo"),
-     r"^method='foo': choose one of \('lcd', 'lcm_lora', 'lcf', 'tcd', 'pcm', 'diffusion'\)$"),
+     r"^method='foo': choose one of \('lcd', 'lcm_lora', 'lcf', 'tcd', 'pcm', 'guided', 'diffusion'\)$"),
     ("source_unknown", "new", dict(data__source="nope"), r"^data\.source='nope': choose one of \(.*'synthetic'.*\)"),
     ("folder_without_path", "new", dict(data__source="folder"),
      r"^data\.path='': data\.source='folder' reads its examples from data\.path; set --config\.data\.path$"),
