@@ -78,15 +78,17 @@ def test_report_ratios_are_against_the_teachers_fifty_steps(tmp_path):
         methods.main(["--methods", "lcd,nope", "--workdir", str(tmp_path)])
 
 
-def test_docs_and_readme_tables_are_the_stored_rows():
-    """docs/shapes_methods.md and README's table are what the report makes of docs/shapes_methods.jsonl."""
+@pytest.mark.parametrize("stem,steps", [("shapes_methods", 600), ("shapes_methods_long", 10000)])
+def test_docs_and_readme_tables_are_the_stored_rows(stem, steps):
+    """docs/<stem>.md and README's table are what the report makes of docs/<stem>.jsonl (the
+    600-step table, and the long run)."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rows = methods.read_rows(os.path.join(root, "docs", "shapes_methods.jsonl"))
+    rows = methods.read_rows(os.path.join(root, "docs", f"{stem}.jsonl"))
     assert any(r["steps"] == 50 for r in rows) and {r["name"] for r in rows if "name" in r} <= set(methods.METHODS)
-    with open(os.path.join(root, "docs", "shapes_methods.md")) as f:
-        assert f.read() == methods.report(rows, 500, 600)
+    with open(os.path.join(root, "docs", f"{stem}.md")) as f:
+        assert f.read() == methods.report(rows, 500, steps)
     with open(os.path.join(root, "README.md")) as f:
         assert methods.compact_markdown(rows) in f.read()
 
