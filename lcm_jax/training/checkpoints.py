@@ -232,15 +232,13 @@ def initial_params(config, params):
     if theirs != mine:
         raise ConfigError(f"model.student_init={workdir!r}: that run's student outputs "
                           f"loss.student_prediction={theirs!r}, this run's {mine!r}; set the same")
-    shapes = lambda tree: [(path, np.shape(x)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    want, have = shapes(params), dict(shapes(restored.params))
-    for path, shape in want:
-        if have.get(path) != shape:
-            raise ConfigError(f"model.student_init={workdir!r}: its weights have "
-                              f"{jax.tree_util.keystr(path)} of shape {have.get(path)}, this run's "
-                              f"student {shape}; start from a run of the same student")
-    if len(have) != len(want):
-        raise ConfigError(f"model.student_init={workdir!r}: its weights have {len(have)} arrays, this "
-                          f"run's student {len(want)}; start from a run of the same student")
+    shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(x)
+                           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want, have = shapes(params), shapes(restored.params)
+    bad = sorted(key for key in want.keys() | have.keys() if want.get(key) != have.get(key))
+    if bad:
+        raise ConfigError(f"model.student_init={workdir!r}: its weights have {bad[0]} of shape "
+                          f"{have.get(bad[0])}, this run's student {want.get(bad[0])}; start from a "
+                          "run of the same student")
     print(f"student starts from {workdir} (step {restored.step}, online weights)", flush=True)
     return restored.params
