@@ -35,11 +35,24 @@ def test_each_method_is_the_demo_config_with_its_overrides(name, tmp_path):
     config = methods.method_config(name, 300, "", str(tmp_path))
     check_config(config, 1, 1)   # every method's config passes the trainer's checks
     base = _flat(shapes_lcd.get_config("lora" if overrides.get("method") == "lcm_lora" else None))
-    expected = {**base, **overrides, "total_steps": 300, "sample_every": 0,
+    expected = {**base, **methods.TABLE_BASE, **overrides, "total_steps": 300, "sample_every": 0,
                 "checkpoint_every": min(base["checkpoint_every"], 300),
                 "eval_ema_decay": methods.EVAL_EMA}
     assert _flat(config) == expected
     assert config.data.understated == shapes.UNDERSTATED
+
+
+def test_the_method_labelled_the_demos_recipe_trains_as_the_demo():
+    """The row the table calls the demo's recipe differs from configs/shapes_lcd.py only in what
+    the table sets for every method: its length, checkpoints, samples and evaluation."""
+    (name,) = [n for n, (label, _) in methods.METHODS.items() if "the demo's recipe" in label]
+    config = _flat(methods.method_config(name, 300, ""))
+    demo = _flat(shapes_lcd.get_config())
+    table_only = {"total_steps", "sample_every", "checkpoint_every", "eval_ema_decay",
+                  "eval_endpoint_timesteps", "data.cache_dir"}
+    differ = {k for k in config.keys() | demo.keys() if config.get(k) != demo.get(k)}
+    assert differ <= table_only, sorted(differ - table_only)
+    assert config["loss.num_ddim_timesteps"] == 10 and config["loss.ema_decay"] == 0.99
 
 
 def test_samplers_follow_the_method():

@@ -1,5 +1,5 @@
 """The main job on the bundled default: distill an LCM (and an LCM-LoRA) from the shipped shapes
-teacher on CPU, then compare 1-8 step sampling against the teacher's DDIM / DPM-Solver++.
+teacher on CPU, then compare 1, 2 and 4 step sampling against the teacher's DDIM / DPM-Solver++.
 
     python -m lcm_jax.demo --workdir=runs/demo        # what `make demo` runs
 
@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 TEACHER_GUIDANCE = 5.0  # strong guidance, as the LCM training range (configs/shapes_lcd.py)
+STEPS = (1, 2, 4)  # the quality table's step counts: those the LCM is judged at
 
 
 def load_config(arg: str | None = None, teacher: str | None = None):
@@ -86,8 +87,8 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
     print("[3/4] sample grid", flush=True)
     write_grid(os.path.join(workdir, "grid.png"), teacher, lcm, lcm_guidance, prompts[:8])
     print(f"[4/4] quality table on {num_prompts} held-out prompts", flush=True)
-    rows = steps_quality_table(quality_runs(teacher, lcm, lora, lcm_guidance, TEACHER_GUIDANCE), ShapesEvaluator(),
-                               prompts, batch=min(100, num_prompts))
+    runs = quality_runs(teacher, lcm, lora, lcm_guidance, TEACHER_GUIDANCE, STEPS)
+    rows = steps_quality_table(runs, ShapesEvaluator(), prompts, batch=min(100, num_prompts))
     # The map LCD distills: the student's one step against the teacher's ODE endpoint (50 DDIM
     # steps at the same guidance, same noise); before distillation the student is the teacher's
     # own one-step x0 without CFG (its w-embedding starts at zero).
@@ -126,14 +127,14 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--lcd_steps", type=int, default=None, help="default: the config's total_steps")
     p.add_argument("--lora_steps", type=int, default=None, help="0 skips LCM-LoRA")
-    p.add_argument("--num_prompts", type=int, default=200)
+    p.add_argument("--num_prompts", type=int, default=500, help="held-out prompts of the quality table")
     p.add_argument("--teacher", default=None, help="default: the shipped shapes teacher")
     args = p.parse_args(argv)
     from absl import logging
     logging.set_verbosity(logging.WARNING)
     config = load_config(None, args.teacher)
     lcd = args.lcd_steps if args.lcd_steps is not None else config.total_steps
-    lora = args.lora_steps if args.lora_steps is not None else config.total_steps // 3
+    lora = args.lora_steps if args.lora_steps is not None else config.total_steps // 4
     run(args.workdir, lcd, lora, args.num_prompts, args.teacher)
 
 
