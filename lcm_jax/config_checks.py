@@ -63,6 +63,7 @@ FIELDS: dict[str, Check] = {
     "loss.timestep_scaling": POSITIVE, "loss.timestep_weighting": one_of("uniform", "snr"),
     "loss.timestep_sampling": one_of("uniform", "sampler"),
     "loss.student_prediction": one_of("teacher", "epsilon", "x0", "v"), "loss.pcm_phases": integer(1),
+    "loss.coarse_ddim_timesteps": integer(0), "loss.coarse_fraction": PROBABILITY,
     "loss.lora_target_ema": lambda v: None if isinstance(v, bool) else "must be true or false",
     "loss.ema_decay": DECAY, "loss.solver": one_of("ddim"), "loss.lcf_w": NON_NEGATIVE,
     "lora.rank": integer(1), "lora.alpha": POSITIVE,
@@ -214,11 +215,27 @@ def endpoint_problems(config) -> list[str]:
             f"(T={T}, loss.num_ddim_timesteps={n}); pick members of it"]
 
 
+def coarse_grid_problems(config) -> list[str]:
+    """loss.coarse_ddim_timesteps: LCD only, its skipping step a multiple of the grid's."""
+    from lcm_jax.losses.consistency import ConsistencyConfig, check_coarse_grid
+
+    n, n_c = config.loss.num_ddim_timesteps, config.loss.get("coarse_ddim_timesteps", 0)
+    if not n_c or not isinstance(n_c, int) or not isinstance(n, int) or n < 1:
+        return []
+    try:
+        check_coarse_grid(_num_train_timesteps(config), ConsistencyConfig(
+            num_ddim_timesteps=n, coarse_ddim_timesteps=n_c,
+            method=config.method if config.method in ("tcd", "pcm") else "lcd"))
+    except ValueError as e:
+        return [f"loss.{e}"]
+    return []
+
+
 def check_config(config, num_processes: int = 1, num_devices: int = 1) -> None:
     """Raises one ConfigError naming every problem of `config` (field, value, what is allowed)
     for a run over `num_processes` processes and `num_devices` devices; None when it can run."""
     problems = field_problems(config) + name_problems(config)
     problems += division_problems(config, num_processes, num_devices) + path_problems(config)
-    problems += endpoint_problems(config)
+    problems += endpoint_problems(config) + coarse_grid_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # export` (its scheduler config's prediction_type: 'epsilon',
                                     # 'sample', 'v_prediction') read the output as this
     c.loss.pcm_phases = 4           # PCM: M phases of the N-step grid (1 <= M <= N)
+    c.loss.coarse_ddim_timesteps = 0  # LCD: N_c > 0 mixes skipping steps: a coarse_fraction of the
+    c.loss.coarse_fraction = 0.5    # hops skip k_c = T / N_c (a multiple of k) on the N_c-step grid
     c.loss.ema_decay = 0.95         # LCD/LCF/TCD/PCM target network theta-
     c.loss.lora_target_ema = False  # LCM-LoRA: keep an EMA (ema_decay) of the LoRA factors as the
                                     # target theta-; False: diffusers' recipe (the student itself)

@@ -182,6 +182,13 @@ TRAINING = [  # (id, workdir, overrides (places' names in {}), the message)
     ("endpoint_off_grid", "new", dict(eval_every=5, eval_endpoint_timesteps=(998, 999)),
      r"^eval_endpoint_timesteps=\(998, 999\): \[998\] not on the skipping grid t_n = \[19, 39, 59\]\.\.999 "
      r"\(T=1000, loss\.num_ddim_timesteps=50\); pick members of it$"),
+    ("coarse_grid_off", "new", dict(loss__coarse_ddim_timesteps=15),
+     r"^loss\.coarse_ddim_timesteps=15: its skipping step T / N_c = 66 must be a multiple of k = 20 "
+     r"\(num_ddim_timesteps=50\); e\.g\. 10$"),
+    ("coarse_grid_tcd", "new", dict(method="tcd", loss__coarse_ddim_timesteps=10),
+     r"^loss\.coarse_ddim_timesteps=10: mixed skipping steps are for method 'lcd', not 'tcd'; set it to 0$"),
+    ("coarse_fraction", "new", dict(loss__coarse_fraction=2.0),
+     r"^loss\.coarse_fraction=2\.0: must be a number in \[0, 1\]$"),
 ]
 
 

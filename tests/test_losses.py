@@ -6,6 +6,8 @@ random draws (the loss's `jax.random` calls are repeated with the same keys), so
 of the loss (n and t_n, forward diffusion, w and its embedding, the CFG-augmented teacher, the
 DDIM step, c_skip/c_out, the EMA target, the distance) is checked independently.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,6 +151,12 @@ def np_consistency_loss(params, target, teacher, batch, rng, cfg, pred_type, T=1
     n, eps, w = np_draws(rng, cfg)
     k = T // cfg.num_ddim_timesteps
     t_start = (n + 1) * k - 1                     # t_{n+k}: the skipping-step grid k-1, 2k-1, ...
+    if cfg.coarse_ddim_timesteps:                 # mixed skipping steps: some hops skip k_c
+        rng_m, rng_c = jax.random.split(jax.random.fold_in(rng, 4))
+        m = np.asarray(jax.random.randint(rng_m, (B,), 0, cfg.coarse_ddim_timesteps))
+        coarse = np.asarray(jax.random.uniform(rng_c, (B,))) < cfg.coarse_fraction
+        k = np.where(coarse, T // cfg.coarse_ddim_timesteps, k)
+        t_start = np.where(coarse, (m + 1) * k - 1, t_start)
     t_end = np.maximum(t_start - k, 0)            # t_n
     m = np_end_index(n, np.asarray(jax.random.uniform(jax.random.fold_in(rng, 3), (B,))), cfg)
     t_to = np.where(m == 0, 0, m * k - 1)         # s: grid index m (0 is t = 0)
@@ -196,24 +204,29 @@ def _rel(a, ref) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _equals_numpy(cfg: ConsistencyConfig, seed: int, pred_type: str = "epsilon"):
+    """The loss on the toy models against the float64 reference, draw for draw: the timesteps
+    (t_{n+k}, t_n, s), both sides of the distance and the loss. Returns (loss, terms, reference)."""
+    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedules.NoiseSchedule(prediction_type=pred_type), cfg)
+    rng, batch = jax.random.key(seed), _batch(seed)
+    loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
+    ref, t_start, t_end, pred, tgt, t_to = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, pred_type)
+    for got, want in [(terms.t_start, t_start), (terms.t_end, t_end), (terms.t_to, t_to)]:
+        np.testing.assert_array_equal(got, want)
+    assert _rel(terms.model_pred, pred) <= TOL and _rel(terms.target, tgt) <= TOL
+    assert abs(float(loss) - ref) <= TOL * abs(ref)
+    return loss, terms, ref
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "snr"])
 @pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize("loss_type", ["l2", "huber"])
 @pytest.mark.parametrize("pred_type", ["epsilon", "v_prediction", "sample"])
 def test_lcd_loss_equals_numpy_algorithm(pred_type, loss_type, seed, weighting):
-    schedule = schedules.NoiseSchedule(prediction_type=pred_type)
     cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type=loss_type,
                             timestep_weighting=weighting)
-    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedule, cfg)
-    rng, batch = jax.random.key(seed), _batch(seed)
-    loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
-    ref, t_start, t_end, pred, tgt, _ = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg, pred_type)
-    np.testing.assert_array_equal(terms.t_start, t_start)
-    np.testing.assert_array_equal(terms.t_end, t_end)
-    np.testing.assert_allclose(terms.w, np_draws(rng, cfg)[2], rtol=1e-6)
-    assert _rel(terms.model_pred, pred) <= TOL
-    assert _rel(terms.target, tgt) <= TOL
-    assert abs(float(loss) - ref) <= TOL * abs(ref)
+    loss, terms, ref = _equals_numpy(cfg, seed, pred_type)
+    np.testing.assert_allclose(terms.w, np_draws(jax.random.key(seed), cfg)[2], rtol=1e-6)
     assert abs(float(loss) - float(jnp.mean(terms.loss))) <= 1e-7 * abs(ref)
 
 
@@ -227,16 +240,44 @@ def test_methods_and_parameterisations_equal_numpy(method, student, sampling, se
     float64 reference. N = 10 so that both draws of B = 2 cover several phases and weights."""
     cfg = ConsistencyConfig(num_ddim_timesteps=10, w_embed_dim=E, loss_type="l2", method=method,
                             student_prediction=student, timestep_sampling=sampling, pcm_phases=3)
-    loss_fn = make_consistency_loss(student_fn, teacher_fn, schedules.NoiseSchedule(), cfg)
-    rng, batch = jax.random.key(seed), _batch(seed)
-    loss, terms = loss_fn(PARAMS, TARGET, FROZEN, batch, rng)
-    ref, t_start, t_end, pred, tgt, t_to = np_consistency_loss(PARAMS, TARGET, TEACHER, batch, rng, cfg,
-                                                               "epsilon")
-    np.testing.assert_array_equal(terms.t_start, t_start)
-    np.testing.assert_array_equal(terms.t_to, t_to)
-    assert _rel(terms.model_pred, pred) <= TOL
-    assert _rel(terms.target, tgt) <= TOL
-    assert abs(float(loss) - ref) <= TOL * abs(ref)
+    _equals_numpy(cfg, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_mixed_skipping_steps_equal_numpy(fraction, seed):
+    """coarse_ddim_timesteps N_c = 10 on N = 50: a `fraction` of the hops go t_{m+1} -> t_m on the
+    coarse grid 99, 199, .., 999 (k_c = 100), the rest t_{n+k} -> t_n (k = 20), against the
+    float64 reference (its own draws of m and of which hops are coarse)."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=E, loss_type="l2",
+                            coarse_ddim_timesteps=10, coarse_fraction=fraction)
+    _, terms, _ = _equals_numpy(cfg, seed)
+    hops = np.asarray(terms.t_start) - np.asarray(terms.t_end)
+    assert set(hops.tolist()) <= {19, 20, 99, 100}  # 19, 99: the first hops, to t = 0
+    if fraction == 1.0:
+        assert np.all(np.isin(terms.t_start, np.arange(1, 11) * 100 - 1)) and np.all(hops >= 99)
+
+
+def test_mixed_skipping_steps_draw_the_coarse_fraction():
+    """Over 4000 examples a quarter of the hops are coarse (within 4 standard errors), their starts
+    uniform over the 10 coarse timesteps; a coarse grid off the skipping grid, or with TCD, is refused."""
+    cfg = ConsistencyConfig(num_ddim_timesteps=50, w_embed_dim=None, w_min=0.0, w_max=0.0,
+                            loss_type="l2", coarse_ddim_timesteps=10, coarse_fraction=0.25)
+    zero = lambda params, frozen, z, t, text, w_emb, added: jnp.zeros_like(z)
+    loss_fn = make_consistency_loss(zero, zero, schedules.NoiseSchedule(), cfg)
+    b = 4000
+    batch = {"latents": jnp.zeros((b, 1, 1, 1)), "prompt_embeds": jnp.zeros((b, 1, 1)),
+             "uncond_embeds": jnp.zeros((b, 1, 1))}
+    _, terms = loss_fn({}, {}, None, batch, jax.random.key(0))
+    coarse = np.asarray(terms.t_start - terms.t_end) >= 99
+    assert abs(coarse.mean() - 0.25) <= 4 * np.sqrt(0.25 * 0.75 / b)
+    starts = np.bincount((np.asarray(terms.t_start)[coarse] + 1) // 100 - 1, minlength=10)
+    assert starts.min() > 0.5 * coarse.sum() / 10
+    for bad, match in [(dict(coarse_ddim_timesteps=15), r"coarse_ddim_timesteps=15: its skipping step "
+                        r"T / N_c = 66 must be a multiple of k = 20 \(num_ddim_timesteps=50\)"),
+                       (dict(method="tcd"), "mixed skipping steps are for method 'lcd', not 'tcd'")]:
+        with pytest.raises(ValueError, match=match):
+            make_consistency_loss(zero, zero, schedules.NoiseSchedule(), dataclasses.replace(cfg, **bad))
 
 
 @pytest.mark.parametrize("method", ["tcd", "pcm"])

@@ -20,6 +20,9 @@ d(f_theta(z_{t_{n+k}}, t_{n+k}, s), f_theta-(z^Psi_{t_n}, t_n, s)).
 Either function reads the student's raw output F_theta as epsilon, x0 or v (`student_prediction`;
 the teacher's own type by default): for an x0 student the one-step error is its output's error
 times c_out, not an epsilon error times sqrt(1 - abar) / sqrt(abar) (14.6 at SD's t = 999).
+Mixed skipping steps (LCD, `coarse_ddim_timesteps` N_c): a `coarse_fraction` of each batch's hops
+go t_{m+1} -> t_m on the coarse grid of N_c timesteps (k_c = T / N_c, a multiple of k) instead, so
+the clean latent is carried up to t = 999 in N_c hops while the fine hops keep the grid's accuracy.
 The time grid indexing and the w-convention follow diffusers' train_lcm_distill_sd_wds.py, so that
 checkpoints are interchangeable: the CFG form is eps_c + w (eps_c - eps_u) and the student embeds
 this w (= guidance_scale - 1 at sampling time).
@@ -68,6 +71,8 @@ class ConsistencyConfig:
                                       # ('epsilon' | 'v_prediction' | 'sample'); "": the teacher's
     timestep_sampling: str = "uniform"  # n ~ 'uniform' on the grid | 'sampler' (sampling_probs)
     pcm_phases: int = 4               # PCM: M phases of the grid
+    coarse_ddim_timesteps: int = 0    # N_c > 0 (LCD): a coarse_fraction of the hops skip k_c = T / N_c
+    coarse_fraction: float = 0.5      # on the coarse grid t_m (check_coarse_grid) instead of k
 
 
 @dataclasses.dataclass
@@ -114,6 +119,18 @@ def sampling_probs(num_train_timesteps: int, cfg: ConsistencyConfig) -> np.ndarr
         visited = [schedules.lcm_timesteps(m, n, num_train_timesteps) for m in SAMPLER_STEPS if m <= n]
     weight = 1.0 + sum(np.isin(grid, v).astype(np.float64) for v in visited)
     return weight / weight.sum()
+
+
+def check_coarse_grid(num_train_timesteps: int, cfg: ConsistencyConfig) -> None:
+    """Mixed skipping steps: the coarse grid's timesteps must be on the skipping grid (k divides
+    k_c), so that the sampler's and the endpoint error's timesteps keep their meaning; LCD only."""
+    T, n, n_c = num_train_timesteps, cfg.num_ddim_timesteps, cfg.coarse_ddim_timesteps
+    if cfg.method != "lcd":
+        raise ValueError(f"coarse_ddim_timesteps={n_c}: mixed skipping steps are for method 'lcd', "
+                         f"not {cfg.method!r}; set it to 0")
+    if not 1 <= n_c <= n or (T // n_c) % (T // n):
+        raise ValueError(f"coarse_ddim_timesteps={n_c}: its skipping step T / N_c = {T // max(n_c, 1)} "
+                         f"must be a multiple of k = {T // n} (num_ddim_timesteps={n}); e.g. {n // 5 or 1}")
 
 
 def end_index(n: jax.Array, u: jax.Array, cfg: ConsistencyConfig) -> jax.Array:
@@ -175,6 +192,9 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
     pred_type, student_pred = schedule.prediction_type, cfg.student_prediction or schedule.prediction_type
     if cfg.method not in METHODS:
         raise ValueError(f"consistency method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.coarse_ddim_timesteps:
+        check_coarse_grid(T, cfg)
+    g_coarse = jnp.asarray(extended_grid(T, cfg.coarse_ddim_timesteps or cfg.num_ddim_timesteps))
 
     def f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added):
         return _f_theta(fn, params, frozen, z_t, t, s, text, w_emb, added, abar, student_pred, cfg)
@@ -191,6 +211,11 @@ def make_consistency_loss(student_fn: ModelFn, teacher_fn: Optional[ModelFn],
         else:
             n = jax.random.categorical(rng_n, log_p, shape=(b,)).astype(jnp.int32)
         t_start, t_end = g[n + 1], g[n]
+        if cfg.coarse_ddim_timesteps:  # a coarse_fraction of the hops: m ~ U{0..N_c-1} on the coarse grid
+            rng_m, rng_c = jax.random.split(jax.random.fold_in(rng, 4))
+            m = jax.random.randint(rng_m, (b,), 0, cfg.coarse_ddim_timesteps)
+            coarse = jax.random.uniform(rng_c, (b,)) < cfg.coarse_fraction
+            t_start, t_end = jnp.where(coarse, g_coarse[m + 1], t_start), jnp.where(coarse, g_coarse[m], t_end)
         t_to = g[end_index(n, jax.random.uniform(jax.random.fold_in(rng, 3), (b,)), cfg)]
         # 2. FORWARD DIFFUSION to t_{n+k} (Eq. 1).
         eps = jax.random.normal(rng_eps, z.shape, jnp.float32)

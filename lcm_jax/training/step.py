@@ -32,7 +32,8 @@ def consistency_config(config) -> consistency.ConsistencyConfig:
         timestep_weighting=lc.timestep_weighting,
         method=config.method if config.method in consistency.METHODS else "lcd",
         student_prediction=student_prediction(config), timestep_sampling=lc.timestep_sampling,
-        pcm_phases=lc.pcm_phases)
+        pcm_phases=lc.pcm_phases, coarse_ddim_timesteps=lc.coarse_ddim_timesteps,
+        coarse_fraction=lc.coarse_fraction)
 
 
 def make_loss(config, models: Models):

@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-TEACHER_GUIDANCE = 5.0  # strong guidance, as the LCM training range (configs/shapes_lcd.py)
-STEPS = (1, 2, 4)  # the quality table's step counts: those the LCM is judged at
+from lcm_jax.worlds.shapes import SAMPLE_STEPS, TEACHER_GUIDANCE
 
 
 def load_config(arg: str | None = None, teacher: str | None = None):
@@ -87,7 +86,7 @@ def run(workdir: str, lcd_steps: int, lora_steps: int, num_prompts: int,
     print("[3/4] sample grid", flush=True)
     write_grid(os.path.join(workdir, "grid.png"), teacher, lcm, lcm_guidance, prompts[:8])
     print(f"[4/4] quality table on {num_prompts} held-out prompts", flush=True)
-    runs = quality_runs(teacher, lcm, lora, lcm_guidance, TEACHER_GUIDANCE, STEPS)
+    runs = quality_runs(teacher, lcm, lora, lcm_guidance, TEACHER_GUIDANCE, SAMPLE_STEPS)
     rows = steps_quality_table(runs, ShapesEvaluator(), prompts, batch=min(100, num_prompts))
     # The map LCD distills: the student's one step against the teacher's ODE endpoint (50 DDIM
     # steps at the same guidance, same noise); before distillation the student is the teacher's

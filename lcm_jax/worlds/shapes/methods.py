@@ -21,9 +21,8 @@ import json
 import os
 import time
 
+from lcm_jax.worlds.shapes import SAMPLE_STEPS, TEACHER_GUIDANCE
 
-TEACHER_GUIDANCE = 5.0
-SAMPLE_STEPS = (1, 2, 4)
 EVAL_EMA = 0.999
 
 # The table's common recipe, which every method changes: LCD at k = 20 (a grid of N = 50) with
@@ -51,6 +50,8 @@ METHODS = {
                        {**K100, "loss.ema_decay": 0.99}),
     "lcd_k100_k20": ("LCD, k = 20 from lcd_k100_ema99 (coarse to fine)",
                      {"model.student_init": "lcd_k100_ema99"}),
+    "lcd_mixed_k": ("LCD, k = 20 and k = 100 hops half each, target EMA 0.99",
+                    {"loss.coarse_ddim_timesteps": 10, "loss.ema_decay": 0.99}),
     "lora": ("LCM-LoRA, no target network (the paper's recipe)", {"method": "lcm_lora"}),
     "lora_ema": ("LCM-LoRA, EMA target", {"method": "lcm_lora", "loss.lora_target_ema": True}),
     "tcd": ("TCD (gamma 0.3 sampler)", {"method": "tcd"}),
@@ -212,16 +213,17 @@ def compact_markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """FD against sampling steps, one line per (method, weights): a colour per method, its eval EMA
-    dashed; the teacher's 50 steps a black dashed line. The legend sits beside the axes."""
+    dashed; the teacher's 50 steps a black dashed line. The legend sits beside the axes, the figure
+    tall enough for all of it."""
     from lcm_jax.evaluation.report import _pyplot, _save
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(13, 5.5))
     ref = next(r for r in rows if r["steps"] == 50)
     groups: dict = {}
     for r in rows:
         if r is not ref:
             groups.setdefault((r["method"], r.get("weights", "")), []).append(r)
+    fig, ax = plt.subplots(figsize=(13, max(5.5, 0.17 * (len(groups) + 2))))  # room for the legend
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(dict.fromkeys(m for m, _ in groups))}
     for (method, weights), g in groups.items():
         g = sorted(g, key=lambda r: r["steps"])
