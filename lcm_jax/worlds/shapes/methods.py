@@ -48,6 +48,8 @@ METHODS = {
     "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95", {**K100, "loss.ema_decay": 0.95}),
     "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99 (the demo's recipe)",
                        {**K100, "loss.ema_decay": 0.99}),
+    "lcd_k200_ema99": ("LCD, k = 200 (N = 5), target EMA 0.99",
+                       {"loss.num_ddim_timesteps": 5, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.99}),
     "lcd_k100_k20": ("LCD, k = 20 from lcd_k100_ema99 (coarse to fine)",
                      {"model.student_init": "lcd_k100_ema99"}),
     "lcd_mixed_k": ("LCD, k = 20 and k = 100 hops half each, target EMA 0.99",
