@@ -217,7 +217,7 @@ def endpoint_problems(config) -> list[str]:
 
 def coarse_grid_problems(config) -> list[str]:
     """loss.coarse_ddim_timesteps: LCD only, its skipping step a multiple of the grid's."""
-    from lcm_jax.losses.consistency import ConsistencyConfig, check_coarse_grid
+    from lcm_jax.losses.consistency import METHODS, ConsistencyConfig, check_coarse_grid
 
     n, n_c = config.loss.num_ddim_timesteps, config.loss.get("coarse_ddim_timesteps", 0)
     if not n_c or not isinstance(n_c, int) or not isinstance(n, int) or n < 1:
@@ -225,7 +225,7 @@ def coarse_grid_problems(config) -> list[str]:
     try:
         check_coarse_grid(_num_train_timesteps(config), ConsistencyConfig(
             num_ddim_timesteps=n, coarse_ddim_timesteps=n_c,
-            method=config.method if config.method in ("tcd", "pcm") else "lcd"))
+            method=config.method if config.method in METHODS else "lcd"))
     except ValueError as e:
         return [f"loss.{e}"]
     return []

@@ -107,12 +107,8 @@ def _mixed_fixed_point(teacher_params, abar, T, n, n_c, p):
     k, k_c = T // n, T // n_c
     f = {0: (1.0, 0.0)}
 
-    def hop(t, s):  # f(., s) after the exact teacher's DDIM step t -> s
-        def step(z):
-            tt = jnp.full((z.shape[0],), t)
-            x0, eps = schedules.predict_x0_eps(_affine(teacher_params, z, tt), z, abar[t], "epsilon")
-            return schedules.ddim_step(z, eps, x0, abar[t], abar[s])
-        a, b = _affine_coefficients(step)
+    def hop(t, s):  # f(., s) after the exact teacher's DDIM step t -> s (a chain of one step)
+        a, b = _affine_coefficients(lambda z: _chain_endpoint(teacher_params, abar, [t], t - s, z, 0))
         return f[s][0] * a, f[s][0] * b + f[s][1]
 
     for t in ddim_grid(T, n).tolist():
@@ -162,9 +158,7 @@ def test_endpoint_error_matches_the_chain_and_vanishes_for_the_consistency_funct
         c_skip, c_out = schedules.scalings_for_boundary_conditions(tt)
         want.append(float(jnp.mean((c_skip[0] * z_t + c_out[0] * x0 - end) ** 2)))
         # The chain is affine, endpoint = A z_t + B: the student that outputs exactly that at t.
-        a0 = _chain_endpoint(teacher_params, abar, grid, k, jnp.zeros((1,) + SHAPE), n)[0, 0, 0, 0]
-        a1 = _chain_endpoint(teacher_params, abar, grid, k, jnp.ones((1,) + SHAPE), n)[0, 0, 0, 0]
-        A, B = a1 - a0, a0
+        A, B = _affine_coefficients(lambda z: _chain_endpoint(teacher_params, abar, grid, k, z, n))
         ra, rs, cs, co = jnp.sqrt(abar[t]), jnp.sqrt(1 - abar[t]), c_skip[0], c_out[0]
         exact["scale"] = exact["scale"].at[t].set((1 - (A - cs) * ra / co) / rs)
         exact["shift"] = exact["shift"].at[t].set(-B * ra / (co * rs))

@@ -128,9 +128,11 @@ def check_coarse_grid(num_train_timesteps: int, cfg: ConsistencyConfig) -> None:
     if cfg.method != "lcd":
         raise ValueError(f"coarse_ddim_timesteps={n_c}: mixed skipping steps are for method 'lcd', "
                          f"not {cfg.method!r}; set it to 0")
-    if not 1 <= n_c <= n or (T // n_c) % (T // n):
+    fits = [c for c in range(1, n + 1) if (T // c) % (T // n) == 0]
+    if n_c not in fits:
+        hint = min(fits, key=lambda c: abs(c - n // 5))
         raise ValueError(f"coarse_ddim_timesteps={n_c}: its skipping step T / N_c = {T // max(n_c, 1)} "
-                         f"must be a multiple of k = {T // n} (num_ddim_timesteps={n}); e.g. {n // 5 or 1}")
+                         f"must be a multiple of k = {T // n} (num_ddim_timesteps={n}); e.g. {hint}")
 
 
 def end_index(n: jax.Array, u: jax.Array, cfg: ConsistencyConfig) -> jax.Array:

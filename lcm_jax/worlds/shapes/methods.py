@@ -30,6 +30,7 @@ EVAL_EMA = 0.999
 TABLE_BASE = {"loss.num_ddim_timesteps": 50, "loss.ema_decay": 0.995,
               "eval_endpoint_timesteps": (999, 759, 499, 259)}
 K100 = {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}  # a grid of 10: k = 100
+DEMO = {**K100, "loss.ema_decay": 0.99}  # configs/shapes_lcd.py's recipe, TABLE_BASE undone
 
 # name: (description, overrides of configs/shapes_lcd.py on top of TABLE_BASE)
 METHODS = {
@@ -47,13 +48,13 @@ METHODS = {
     "lcd_k100": ("LCD, skipping step k = 100 (N = 10)", K100),
     "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95", {**K100, "loss.ema_decay": 0.95}),
     "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99 (the demo's recipe)",
-                       {**K100, "loss.ema_decay": 0.99}),
+                       DEMO),
     "lcd_k100_b16": ("LCD, k = 100 (N = 10), target EMA 0.99, batch 16",
-                     {**K100, "loss.ema_decay": 0.99, "batch_size": 16}),
+                     {**DEMO, "batch_size": 16}),
     "lcd_k100_w5": ("LCD, k = 100 (N = 10), target EMA 0.99, w fixed at 5",
-                    {**K100, "loss.ema_decay": 0.99, "loss.w_min": 5.0, "loss.w_max": 5.0}),
+                    {**DEMO, "loss.w_min": 5.0, "loss.w_max": 5.0}),
     "lcd_k100_l2": ("LCD, k = 100 (N = 10), target EMA 0.99, L2 distance",
-                    {**K100, "loss.ema_decay": 0.99, "loss.loss_type": "l2"}),
+                    {**DEMO, "loss.loss_type": "l2"}),
     "lcd_k200_ema99": ("LCD, k = 200 (N = 5), target EMA 0.99",
                        {"loss.num_ddim_timesteps": 5, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.99}),
     "lcd_k100_k20": ("LCD, k = 20 from lcd_k100_ema99 (coarse to fine)",
