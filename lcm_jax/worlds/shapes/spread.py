@@ -6,11 +6,12 @@ is judged by (README, Status), on K disjoint sets of held-out prompts.
 Set 0 is the demo's quality table: the first `num_prompts` prompts of the eval split and starting
 noise seed 0 (its rows repeat the table's to the last digit). Set s takes the next `num_prompts`
 prompts and seed 1000 s. On every set: the teacher's 50 DDIM steps, DDIM / DPM-Solver++ and the
-undistilled student under the LCM sampler at 1, 2 and 4 steps, and each run's LCM (its latest
-checkpoint) at 1, 2 and 4 steps. Writes OUT/spread.jsonl (a row per set and sampler setting) and
-OUT/spread.md: FD and prompt accuracy as mean, standard deviation and range over the sets, and
-each aim's ratio on every set with how many sets meet it. A ratio that crosses its bound between
-sets is not a result at this many prompts.
+undistilled student under the LCM sampler at 1, 2 and 4 steps, and each run's LCM or LCM-LoRA
+(its latest checkpoint, at the run's sampling guidance) at 1, 2 and 4 steps. Writes OUT/spread.jsonl (a row per set and sampler setting),
+OUT/spread.md (FD and prompt accuracy as mean, standard deviation and range over the sets, and
+each aim's ratio on every set with how many sets meet it) and OUT/spread.png (each aim's ratio
+over its bound, set by set). A ratio that crosses its bound between sets is not a result at
+this many prompts.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ class Aim:
 
     def met(self, ratio: float) -> bool:
         return ratio <= self.bound if self.metric == "fd" else ratio >= self.bound
+
+    def margin(self, ratio: float) -> float:
+        """The ratio in units of the bound, oriented so that at most 1 is met."""
+        return ratio / self.bound if self.metric == "fd" else self.bound / ratio
 
 
 def aims(model: str) -> list[Aim]:
@@ -132,6 +137,28 @@ def markdown(rows: Sequence[dict], num_prompts: int) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: Sequence[dict], path: str) -> None:
+    """Every aim's margin (ratio over bound; at most 1 is met) on each set, a colour per run, log
+    scale, the bound a dashed line."""
+    from lcm_jax.evaluation.report import _pyplot, _save
+
+    plt = _pyplot()
+    models = _models(rows)
+    labels = [a.label for a in aims(models[0])]
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    width = 0.8 / len(models)
+    for j, model in enumerate(models):
+        for i, aim in enumerate(aims(model)):
+            margins = [aim.margin(r) for r in aim_ratios(rows, aim)]
+            ax.scatter([i - 0.4 + width * (j + 0.5)] * len(margins), margins, s=14,
+                       color=plt.cm.tab10(j % 10), label=model if i == 0 else None)
+    ax.axhline(1.0, ls="--", c="k", label="the aim's bound (at or below: met)")
+    ax.set(yscale="log", ylabel="ratio / bound, one dot per prompt set (log scale)")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+    _save(plt, fig, path)
+
+
 def load_run(arg: str):
     """`[LABEL=]WORKDIR` -> (label, pipeline over the run's latest checkpoint, its sampling guidance, its teacher folder)."""
     from lcm_jax.runs import pipeline_from_training
@@ -142,8 +169,9 @@ def load_run(arg: str):
     label, _, workdir = arg.rpartition("=")
     restored = restore(workdir)
     config = restored.config
-    if config.method != "lcd":
-        raise SystemExit(f"{workdir}: method {config.method!r} is not an LCD run; pass LCD run workdirs")
+    if config.method not in ("lcd", "lcm_lora"):
+        raise SystemExit(f"{workdir}: method {config.method!r} does not sample with the LCM sampler; "
+                         "pass LCD or LCM-LoRA run workdirs")
     label = label or f"LCM {os.path.normpath(workdir)} @{int(restored.state.step)}"
     pipe = pipeline_from_training(config, build_models(config), restored.state)
     return label, pipe, sampling_guidance(config), config.model.teacher
@@ -160,7 +188,7 @@ def setting_runs(teacher, runs: Sequence[tuple]) -> list[tuple]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdirs", nargs="+", help="LCD run workdirs, each as WORKDIR or LABEL=WORKDIR")
+    p.add_argument("workdirs", nargs="+", help="LCD / LCM-LoRA run workdirs, each as WORKDIR or LABEL=WORKDIR")
     p.add_argument("--sets", type=int, default=4)
     p.add_argument("--num_prompts", type=int, default=500)
     p.add_argument("--out", default=None, help="folder for spread.md / .jsonl (default: the first workdir's parent)")
@@ -188,7 +216,8 @@ def main(argv=None) -> None:
     text = TITLE + markdown(rows, args.num_prompts)
     with open(os.path.join(out, "spread.md"), "w") as f:
         f.write(text)
-    print("\n" + text + f"\nwrote {out}/spread.md, .jsonl in {(time.time() - t0) / 60:.1f} min")
+    plot(rows, os.path.join(out, "spread.png"))
+    print("\n" + text + f"\nwrote {out}/spread.md, .png, .jsonl in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
