@@ -108,3 +108,16 @@ def test_docs_page_is_the_report_of_the_stored_rows_whose_set_0_is_the_methods_t
     for r in set0:
         ref = table[(r["sampler"], r["steps"])]
         assert (r["fd"], r["prompt_accuracy"]) == (ref["fd"], ref["prompt_accuracy"]), r
+
+
+def test_a_run_that_is_not_lcd_or_lcm_lora_is_refused_before_it_is_restored(tmp_path):
+    from lcm_jax.training.checkpoints import write_run_config
+    from lcm_jax.worlds.shapes.configs.shapes_teacher import get_config
+
+    run = tmp_path / "teacher"
+    run.mkdir()
+    write_run_config(str(run), get_config(), (None, []))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit, match="method 'diffusion' does not sample with the LCM sampler"):
+        spread.main([f"teacher={run}", "--sets", "2", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

@@ -160,18 +160,20 @@ def plot(rows: Sequence[dict], path: str) -> None:
 
 
 def load_run(arg: str):
-    """`[LABEL=]WORKDIR` -> (label, pipeline over the run's latest checkpoint, its sampling guidance, its teacher folder)."""
+    """`[LABEL=]WORKDIR` -> (label, pipeline over the run's latest checkpoint, its sampling
+    guidance, its teacher folder). A run that does not sample with the LCM sampler is refused
+    before anything is restored."""
     from lcm_jax.runs import pipeline_from_training
-    from lcm_jax.training.checkpoints import restore
+    from lcm_jax.training.checkpoints import load_run_config, restore
     from lcm_jax.training.models import build_models
     from lcm_jax.training.state import sampling_guidance
 
     label, _, workdir = arg.rpartition("=")
-    restored = restore(workdir)
-    config = restored.config
+    config = load_run_config(workdir)
     if config.method not in ("lcd", "lcm_lora"):
         raise SystemExit(f"{workdir}: method {config.method!r} does not sample with the LCM sampler; "
                          "pass LCD or LCM-LoRA run workdirs")
+    restored = restore(workdir)
     label = label or f"LCM {os.path.normpath(workdir)} @{int(restored.state.step)}"
     pipe = pipeline_from_training(config, build_models(config), restored.state)
     return label, pipe, sampling_guidance(config), config.model.teacher
