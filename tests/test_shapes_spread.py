@@ -119,5 +119,13 @@ def test_a_run_that_is_not_lcd_or_lcm_lora_is_refused_before_it_is_restored(tmp_
     write_run_config(str(run), get_config(), (None, []))
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit, match="method 'diffusion' does not sample with the LCM sampler"):
-        spread.main([f"teacher={run}", "--sets", "2", "--out", str(tmp_path)])
+        spread.main([f"t={run}", "--sets", "2", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("labels", [("a", "a"), ("teacher", "b")])
+def test_run_labels_that_would_merge_rows_are_refused(labels, tmp_path):
+    args = [f"{x}={tmp_path / 'missing'}" for x in labels]
+    with pytest.raises(SystemExit, match="give each run its own LABEL"):
+        spread.main(args + ["--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lcm_jax import fs
 from lcm_jax.worlds.shapes import SAMPLE_STEPS, TEACHER_GUIDANCE
 
 SEED_STRIDE = 1000     # set s samples its starting noise from seed SEED_STRIDE * s
@@ -193,7 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("workdirs", nargs="+", help="LCD / LCM-LoRA run workdirs, each as WORKDIR or LABEL=WORKDIR")
     p.add_argument("--sets", type=int, default=4)
     p.add_argument("--num_prompts", type=int, default=500)
-    p.add_argument("--out", default=None, help="folder for spread.md / .jsonl (default: the first workdir's parent)")
+    p.add_argument("--out", default=None,
+                   help="folder for spread.md / .png / .jsonl (default: the first workdir's parent)")
     args = p.parse_args(argv)
     if args.sets < 2:
         raise SystemExit(f"--sets {args.sets}: a spread needs at least 2 prompt sets")
@@ -201,6 +203,11 @@ def main(argv=None) -> None:
     from lcm_jax.pipeline import LCMPipeline
     from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator
 
+    labels = [w.rpartition("=")[0] for w in args.workdirs]
+    repeated = sorted({x for x in labels if x and (labels.count(x) > 1 or x == "teacher")})
+    if repeated:
+        raise SystemExit(f"run label(s) {', '.join(repeated)} name more than one row set; give each "
+                         "run its own LABEL (not 'teacher')")
     runs = [load_run(w) for w in args.workdirs]
     teachers = sorted({r[3] for r in runs})
     if len(teachers) > 1:
@@ -213,12 +220,10 @@ def main(argv=None) -> None:
         rows += [dict(set=s, seed=seed, **dataclasses.asdict(r)) for r in table]
         eta = (time.time() - t0) / (s + 1) * (args.sets - s - 1)
         print(f"set {s + 1}/{args.sets} done ({time.time() - t0:.0f}s, ETA {eta:.0f}s)", flush=True)
-    with open(os.path.join(out, "spread.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     text = TITLE + markdown(rows, args.num_prompts)
-    with open(os.path.join(out, "spread.md"), "w") as f:
-        f.write(text)
     plot(rows, os.path.join(out, "spread.png"))
+    fs.write_text_atomic(os.path.join(out, "spread.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    fs.write_text_atomic(os.path.join(out, "spread.md"), text)
     print("\n" + text + f"\nwrote {out}/spread.md, .png, .jsonl in {(time.time() - t0) / 60:.1f} min")
 
 
