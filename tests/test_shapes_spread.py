@@ -1,4 +1,6 @@
 """The spread of the shapes quality table over disjoint prompt sets (worlds/shapes/spread.py)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -78,31 +80,27 @@ def test_one_prompt_set_is_refused_before_anything_is_loaded(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _docs(name: str) -> str:
-    import os
-
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", name)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_docs_page_is_the_report_of_the_stored_rows_whose_set_0_is_the_methods_tables():
     """docs/shapes_spread.md is what the tool writes for docs/shapes_spread.jsonl (and README holds
-    its aims by run); set 0's teacher
-    rows are the methods table's to the last digit (same prompts, noise and code)."""
+    its aims by run); set 0's teacher rows are the methods table's to the last digit (same
+    prompts, noise and code)."""
     import json
-    import os
 
     from lcm_jax.worlds.shapes import methods
 
-    with open(_docs("shapes_spread.jsonl")) as f:
+    with open(os.path.join(ROOT, "docs", "shapes_spread.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    with open(_docs("shapes_spread.md")) as f:
+    with open(os.path.join(ROOT, "docs", "shapes_spread.md")) as f:
         assert f.read() == spread.TITLE + spread.markdown(rows, 500)
-    with open(_docs(os.path.join(os.pardir, "README.md"))) as f:
+    with open(os.path.join(ROOT, "README.md")) as f:
         assert spread.aims_markdown(rows) in f.read()
     baselines = ("teacher, 50 DDIM steps", "teacher, DDIM", "teacher, DPM-Solver++",
                  "not distilled (teacher under the LCM sampler)")
-    table = {(r["sampler"], r["steps"]): r for r in methods.read_rows(_docs("shapes_methods.jsonl"))
-             if r.get("method") in baselines}
+    stored = methods.read_rows(os.path.join(ROOT, "docs", "shapes_methods.jsonl"))
+    table = {(r["sampler"], r["steps"]): r for r in stored if r.get("method") in baselines}
     set0 = [r for r in rows if r["set"] == 0 and r["model"] == "teacher"]
     assert len(set0) == len(table) == 10
     for r in set0:

@@ -7,11 +7,11 @@ Set 0 is the demo's quality table: the first `num_prompts` prompts of the eval s
 noise seed 0 (its rows repeat the table's to the last digit). Set s takes the next `num_prompts`
 prompts and seed 1000 s. On every set: the teacher's 50 DDIM steps, DDIM / DPM-Solver++ and the
 undistilled student under the LCM sampler at 1, 2 and 4 steps, and each run's LCM or LCM-LoRA
-(its latest checkpoint, at the run's sampling guidance) at 1, 2 and 4 steps. Writes OUT/spread.jsonl (a row per set and sampler setting),
-OUT/spread.md (FD and prompt accuracy as mean, standard deviation and range over the sets, and
-each aim's ratio on every set with how many sets meet it) and OUT/spread.png (each aim's ratio
-over its bound, set by set). A ratio that crosses its bound between sets is not a result at
-this many prompts.
+(its latest checkpoint, at the run's sampling guidance) at 1, 2 and 4 steps. Writes
+OUT/spread.jsonl (a row per set and sampler setting), OUT/spread.md (FD and prompt accuracy as
+mean, standard deviation and range over the sets, and each aim's ratio on every set with how
+many sets meet it) and OUT/spread.png (each aim's ratio over its bound, set by set). A ratio
+that crosses its bound between sets is not a result at this many prompts.
 """
 from __future__ import annotations
 
@@ -106,13 +106,12 @@ def aims_markdown(rows: Sequence[dict]) -> str:
     """One line per aim, one column per run: on how many sets it is met, and the mean ratio."""
     models = _models(rows)
     lines = ["| aim | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    for i, aim in enumerate(aims(models[0])):
+    for same_aim in zip(*(aims(m) for m in models)):  # one aim, each model's
         cells = []
-        for model in models:
-            a = aims(model)[i]
+        for a in same_aim:
             r = aim_ratios(rows, a)
             cells.append(f"{sum(a.met(x) for x in r)} of {len(r)} ({np.mean(r):.2f}x)")
-        lines.append(f"| {aim.label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {same_aim[0].label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +159,8 @@ def plot(rows: Sequence[dict], path: str) -> None:
     _save(plt, fig, path)
 
 
-def load_run(arg: str):
-    """`[LABEL=]WORKDIR` -> (label, pipeline over the run's latest checkpoint, its sampling
+def load_run(label: str, workdir: str):
+    """(label or '', run workdir) -> (label, pipeline over the run's latest checkpoint, its sampling
     guidance, its teacher folder). A run that does not sample with the LCM sampler is refused
     before anything is restored."""
     from lcm_jax.runs import pipeline_from_training
@@ -169,7 +168,6 @@ def load_run(arg: str):
     from lcm_jax.training.models import build_models
     from lcm_jax.training.state import sampling_guidance
 
-    label, _, workdir = arg.rpartition("=")
     config = load_run_config(workdir)
     if config.method not in ("lcd", "lcm_lora"):
         raise SystemExit(f"{workdir}: method {config.method!r} does not sample with the LCM sampler; "
@@ -203,17 +201,18 @@ def main(argv=None) -> None:
     from lcm_jax.pipeline import LCMPipeline
     from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator
 
-    labels = [w.rpartition("=")[0] for w in args.workdirs]
+    named = [(label, workdir) for label, _, workdir in (w.rpartition("=") for w in args.workdirs)]
+    labels = [label for label, _ in named]
     repeated = sorted({x for x in labels if x and (labels.count(x) > 1 or x == "teacher")})
     if repeated:
         raise SystemExit(f"run label(s) {', '.join(repeated)} name more than one row set; give each "
                          "run its own LABEL (not 'teacher')")
-    runs = [load_run(w) for w in args.workdirs]
+    runs = [load_run(label, workdir) for label, workdir in named]
     teachers = sorted({r[3] for r in runs})
     if len(teachers) > 1:
         raise SystemExit(f"the runs distill different teachers ({', '.join(teachers)}); pass runs of one")
     settings = setting_runs(LCMPipeline.from_pretrained(teachers[0]), runs)
-    out = args.out or os.path.dirname(os.path.normpath(args.workdirs[0].rpartition("=")[2]))
+    out = args.out or os.path.dirname(os.path.normpath(named[0][1]))
     evaluator, rows, t0 = ShapesEvaluator(), [], time.time()
     for s, (prompts, seed) in enumerate(prompt_sets(args.sets, args.num_prompts)):
         table = steps_quality_table(settings, evaluator, prompts, seed=seed, batch=min(100, args.num_prompts))
