@@ -400,3 +400,17 @@ def test_restore_of_a_folder_that_is_not_a_run(places):
 
     with pytest.raises(RunError, match=r"is not a training workdir: it has no config\.json$"):
         restore(places["empty"])
+
+
+def test_reading_a_run_that_saved_nothing_leaves_it_as_it_was(places, tmp_path):
+    """A run folder with its config.json but no checkpoint yet: restore and restore_weights refuse
+    it with one line, and neither makes its checkpoints/ folder."""
+    from lcm_jax.training.checkpoints import restore, restore_weights
+
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    shutil.copy(os.path.join(places["run"], "config.json"), unsaved)
+    for read in (restore, restore_weights):
+        with pytest.raises(RunError, match=r"unsaved/checkpoints holds no finished checkpoint$"):
+            read(str(unsaved))
+    assert os.listdir(unsaved) == ["config.json"]

@@ -20,8 +20,10 @@ from lcm_jax.training.state import TrainState, make_init_state, make_optimizer, 
 
 
 
-def checkpoint_manager(workdir: str, config):
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+def checkpoint_manager(workdir: str, config, create: bool = True):
+    """The run's orbax manager; readers pass create=False, so that reading a run never makes its
+    checkpoints/ folder."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
                                            enable_async_checkpointing=config.async_checkpointing)
     path = fs.join(workdir, "checkpoints")  # orbax takes gs:// URLs (etils.epath, TensorStore)
     return ocp.CheckpointManager(path if fs.is_remote(path) else os.path.abspath(path), options=options)
@@ -146,7 +148,7 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
     unet, shapes = abstract_state(config)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    mngr = checkpoint_manager(workdir, config)
+    mngr = checkpoint_manager(workdir, config, create=False)
     try:
         state = restore_checkpoint(mngr, abstract, saved_step(workdir, mngr, step))
     finally:
@@ -207,7 +209,7 @@ def restore_weights(workdir: str, which: str = "sampling", step: Optional[int] =
     field = weights_field(abstract, which)
     item = {field: getattr(abstract, field)}
     host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    mngr = checkpoint_manager(workdir, config)
+    mngr = checkpoint_manager(workdir, config, create=False)
     try:
         step = saved_step(workdir, mngr, step)
         tree = mngr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=host,

@@ -8,7 +8,7 @@ held-out prompts and starting noise, beside the teacher's 50 DDIM steps; with th
 the run logged at that step (metrics.jsonl, when config.eval_endpoint_timesteps is set), and with
 --oracle the ideal LCM's row (the teacher's own CFG DDIM chain as the consistency function: what
 LCD converges to, so the ceiling of the run). Writes
-WORKDIR/quality_by_step.{md,png,jsonl} and prints each row as it is scored.
+WORKDIR/quality_by_step.{md,png,jsonl} once every row is in, and prints each row as it is scored.
 
 Use it to see whether a run converges: the demo's table scores only the last checkpoint. Keep
 enough checkpoints (--config.keep_checkpoints) and evaluate on at least 500 prompts: the standard
@@ -27,7 +27,7 @@ TEACHER_STEPS = 50
 def checkpoint_steps(workdir: str, config) -> list[int]:
     from lcm_jax.training.checkpoints import checkpoint_manager
 
-    mngr = checkpoint_manager(workdir, config)
+    mngr = checkpoint_manager(workdir, config, create=False)
     try:
         return sorted(int(s) for s in mngr.all_steps())
     finally:
@@ -86,7 +86,7 @@ def plot(rows: list[dict], sample_steps, teacher: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", help="a training workdir (config.json, checkpoints/)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="LCM sampling steps")
@@ -100,32 +100,25 @@ def main(argv=None) -> None:
                    help="also score the ideal LCM at each step count (harness.oracle_generate: the "
                         "teacher's own CFG DDIM chain as the consistency function), the ceiling")
     p.add_argument("--batch", type=int, default=100)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import jax
 
-    from lcm_jax.evaluation.harness import generate, oracle_generate
-    from lcm_jax.pipeline import LCMPipeline
-    from lcm_jax.runs import pipeline_from_training
-    from lcm_jax.training.checkpoints import load_run_config, restore
-    from lcm_jax.training.models import build_models
-    from lcm_jax.training.state import make_init_state, make_optimizer, sampling_guidance
-    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
-
-    config = load_run_config(args.workdir)
+def scored_steps(args: argparse.Namespace, config) -> list[int]:
+    """The kept checkpoints to score (every --every-th, always the last); refuses a run that is not
+    a distillation run, or holds none, before anything is sampled."""
     if config.method not in ("lcd", "lcm_lora"):
         raise SystemExit(f"{args.workdir}: method {config.method!r} is not a distillation run "
                          "(lcd or lcm_lora)")
     steps = checkpoint_steps(args.workdir, config)
     if not steps:
         raise SystemExit(f"{args.workdir}/checkpoints holds no finished checkpoint")
-    steps = steps[::-1][::args.every][::-1]  # always keep the last one
-    guidance = args.guidance
-    if guidance is None:
-        guidance = sampling_guidance(config)
-    prompts, _ = heldout_prompts(args.num_prompts)
-    evaluator = ShapesEvaluator()
-    batch = min(args.batch, args.num_prompts)
+    return steps[::-1][::args.every][::-1]
+
+
+def teacher_reference(args, config, prompts, evaluator, guidance: float, batch: int) -> dict:
+    """The teacher's 50 DDIM steps and, with --oracle, the ideal LCM at each step count."""
+    from lcm_jax.evaluation.harness import generate, oracle_generate
+    from lcm_jax.pipeline import LCMPipeline
 
     t0 = time.time()
     teacher_pipe = LCMPipeline.from_pretrained(config.model.teacher)
@@ -138,19 +131,29 @@ def main(argv=None) -> None:
         teacher["oracle"] = {}
         for n in args.steps:
             m = evaluator(oracle_generate(teacher_pipe, prompts, n, guidance, batch=batch,
-                                                num_ddim_timesteps=config.loss.num_ddim_timesteps), prompts)
+                                          num_ddim_timesteps=config.loss.num_ddim_timesteps), prompts)
             teacher["oracle"][str(n)] = (float(m["fd"]), float(m["prompt_accuracy"]))
             print(f"ideal LCM {n} steps guidance {guidance:g}: FD {m['fd']:.2f} "
                   f"acc {m['prompt_accuracy']:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    del teacher_pipe
+    return teacher
+
+
+def checkpoint_rows(args, config, steps, prompts, evaluator, guidance: float, batch: int) -> list[dict]:
+    """A row per checkpoint (and the student before distillation, step 0): FD and accuracy at each
+    step count, with the endpoint error the run logged; printed as each is scored."""
+    import jax
+
+    from lcm_jax.evaluation.harness import generate
+    from lcm_jax.runs import pipeline_from_training
+    from lcm_jax.training.checkpoints import restore
+    from lcm_jax.training.models import build_models
+    from lcm_jax.training.state import make_init_state, make_optimizer
 
     models = build_models(config)
     state0 = jax.jit(make_init_state(config, make_optimizer(config)[0]))(models.init_params)
     pipe = pipeline_from_training(config, models, state0)  # compiled once; weights swapped below
     endpoint = logged_endpoint(args.workdir)
-    base = os.path.join(args.workdir, "quality_by_step")
-    jsonl = open(base + ".jsonl", "w")  # a row per checkpoint as it is scored
-    rows = []
+    rows, t0 = [], time.time()
     for i, step in enumerate([0] + steps):
         t1 = time.time()
         if step:
@@ -161,17 +164,35 @@ def main(argv=None) -> None:
             m = evaluator(generate(pipe, prompts, "lcm", n, guidance, batch=batch), prompts)
             row["fd"][str(n)], row["acc"][str(n)] = float(m["fd"]), float(m["prompt_accuracy"])
         rows.append(row)
-        jsonl.write(json.dumps(row) + "\n")
-        jsonl.flush()
         scores = "  ".join(f"{n}: {row['fd'][str(n)]:7.2f} / {row['acc'][str(n)]:.3f}" for n in args.steps)
         eta = (time.time() - t0) / (i + 1) * (len(steps) - i)
         print(f"step {step:6d}  FD / acc  {scores}  ({time.time() - t1:.0f}s, ETA {eta:.0f}s)", flush=True)
-    jsonl.close()
-    with open(base + ".md", "w") as f:
-        f.write(f"# LCM quality over distillation ({args.num_prompts} held-out prompts, guidance "
-                f"{guidance:g})\n\n" + markdown(rows, args.steps, teacher))
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from lcm_jax import fs
+    from lcm_jax.training.checkpoints import load_run_config
+    from lcm_jax.training.state import sampling_guidance
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
+
+    config = load_run_config(args.workdir)
+    steps = scored_steps(args, config)
+    guidance = sampling_guidance(config) if args.guidance is None else args.guidance
+    prompts, _ = heldout_prompts(args.num_prompts)
+    evaluator, batch = ShapesEvaluator(), min(args.batch, args.num_prompts)
+    t0 = time.time()
+    teacher = teacher_reference(args, config, prompts, evaluator, guidance, batch)
+    rows = checkpoint_rows(args, config, steps, prompts, evaluator, guidance, batch)
+    # Written once every row is in: an interrupted scoring leaves the previous outputs as they were.
+    base = os.path.join(args.workdir, "quality_by_step")
+    text = markdown(rows, args.steps, teacher)
     plot(rows, args.steps, teacher, base + ".png")
-    print("\n" + markdown(rows, args.steps, teacher))
+    fs.write_text_atomic(base + ".jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    fs.write_text_atomic(base + ".md", f"# LCM quality over distillation ({args.num_prompts} held-out "
+                         f"prompts, guidance {guidance:g})\n\n" + text)
+    print("\n" + text)
     print(f"wrote {base}.md, .png, .jsonl in {(time.time() - t0) / 60:.1f} min")
 
 
