@@ -91,10 +91,40 @@ def test_report_ratios_are_against_the_teachers_fifty_steps(tmp_path):
         methods.main(["--methods", "lcd,nope", "--workdir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("stem,steps", [("shapes_methods", 600), ("shapes_methods_long", 10000)])
-def test_docs_and_readme_tables_are_the_stored_rows(stem, steps):
+def test_aims_are_each_methods_target_against_the_baselines_of_its_own_table():
+    """Each aim's cell is the ratio of the method's target-network row to the baseline row the aim
+    names; the ideal LCM and the eval EMA never stand in for them; a missing step count is '-'."""
+    base = [{"method": "teacher, 50 DDIM steps", "sampler": "ddim", "steps": 50, "fd": 60.0,
+             "prompt_accuracy": 0.2}]
+    for sampler, fd in (("ddim", 1000.0), ("dpm", 400.0), ("lcm", 100.0)):
+        base += [{"method": f"baseline {sampler}", "sampler": sampler, "steps": n, "fd": fd / n,
+                  "prompt_accuracy": 0.1} for n in methods.SAMPLE_STEPS]
+    base += [{"method": methods.IDEAL, "sampler": "lcm", "steps": n, "fd": 1.0, "prompt_accuracy": 1.0}
+             for n in methods.SAMPLE_STEPS]
+    lcd = [{"method": "LCD", "name": "lcd", "weights": w, "sampler": "lcm", "steps": n,
+            "fd": (45.0 if w == "target" else 1.0) / n, "prompt_accuracy": 0.196}
+           for w in ("target", "eval EMA") for n in methods.SAMPLE_STEPS]
+    pcm = [{"method": "PCM", "name": "pcm", "weights": "target", "sampler": "tcd", "steps": 4,
+            "fd": 12.0, "prompt_accuracy": 0.1}]
+    lines = methods.aims_markdown(base + lcd + pcm).splitlines()
+    assert lines[0] == "| aim | lcd | pcm |" and len(lines) == 2 + 13
+    cells = {parts[0]: parts[1:] for parts in (line.strip("| ").split(" | ") for line in lines[2:])}
+    # 45 / 100 = 0.45 of the undistilled student at 1 step (met); PCM has no 1-step row
+    assert cells["1 step: FD at most 0.5x the undistilled student"] == ["**0.450x**", "-"]
+    # 45/4 / 60 = 0.1875 of the teacher's 50 steps; PCM's 12 / 60 = 0.2
+    assert cells["4 steps: FD at most 1x the teacher's 50 steps"] == ["**0.188x**", "**0.200x**"]
+    # 12 / (100/4) = 0.48 of the undistilled student at 4 steps, by PCM's own sampler
+    assert cells["4 steps: FD at most 0.5x the undistilled student"][1] == "**0.480x**"
+    # accuracy 0.196 / 0.2 = 0.98: met; PCM's 0.5 is not
+    assert cells["4 steps: prompt accuracy at least 0.95x the teacher's 50 steps"] == ["**0.980x**", "0.500x"]
+    assert cells["1 step: FD at most 2x the teacher's 50 steps"] == ["**0.750x**", "-"]
+
+
+@pytest.mark.parametrize("stem,steps,aims", [("shapes_methods", 600, False), ("shapes_methods_3000", 3000, True),
+                                             ("shapes_methods_long", 10000, False)])
+def test_docs_and_readme_tables_are_the_stored_rows(stem, steps, aims):
     """docs/<stem>.md and README's table are what the report makes of docs/<stem>.jsonl (the
-    600-step table, and the long run)."""
+    600-step table, every method at 3000 steps with its aims, and the long run)."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +133,9 @@ def test_docs_and_readme_tables_are_the_stored_rows(stem, steps):
     with open(os.path.join(root, "docs", f"{stem}.md")) as f:
         assert f.read() == methods.report(rows, 500, steps)
     with open(os.path.join(root, "README.md")) as f:
-        assert methods.compact_markdown(rows) in f.read()
+        readme = f.read()
+    assert methods.compact_markdown(rows) in readme
+    assert not aims or methods.aims_markdown(rows) in readme
 
 
 def test_a_stopped_method_is_not_scored(tmp_path, monkeypatch):

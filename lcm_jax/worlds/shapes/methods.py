@@ -24,6 +24,7 @@ import time
 from lcm_jax.worlds.shapes import SAMPLE_STEPS, TEACHER_GUIDANCE
 
 EVAL_EMA = 0.999
+IDEAL = "ideal LCM (the teacher's ODE chain)"  # the --oracle rows' method
 
 # The table's common recipe, which every method changes: LCD at k = 20 (a grid of N = 50) with
 # target EMA 0.995, the paper's grid (configs/shapes_lcd.py's before the table chose k = 100).
@@ -149,7 +150,7 @@ def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float,
             for name, s, n, g in runs]
     for n in SAMPLE_STEPS if oracle else ():
         m = evaluator(oracle_generate(teacher, prompts, n, lcm_guidance, num_ddim_timesteps=grid), prompts)
-        rows.append({"method": "ideal LCM (the teacher's ODE chain)", "sampler": "lcm", "steps": n,
+        rows.append({"method": IDEAL, "sampler": "lcm", "steps": n,
                      "guidance": lcm_guidance, "fd": m["fd"], "prompt_accuracy": m["prompt_accuracy"]})
     return rows
 
@@ -200,8 +201,36 @@ def markdown(rows: list[dict], num_prompts: int, steps: int) -> str:
 
 
 def report(rows: list[dict], num_prompts: int, steps: int) -> str:
-    """WORKDIR/methods.md (docs/shapes_methods.md): the full table, then the compact one."""
-    return markdown(rows, num_prompts, steps) + "\n" + compact_markdown(rows)
+    """WORKDIR/methods.md (docs/shapes_methods.md): the full table, the compact one, the aims."""
+    return (markdown(rows, num_prompts, steps) + "\n" + compact_markdown(rows) + "\n"
+            + "## The aims, for each method's target network (bold: met)\n\n" + aims_markdown(rows))
+
+
+def aims_markdown(rows: list[dict]) -> str:
+    """One line per aim (spread.aims: against the undistilled student, DDIM, DPM-Solver++ and the
+    teacher's 50 steps), one column per method: its target network's ratio, bold where the aim is
+    met; '-' where the method has no row at that step count (PCM samples at its phase edges only).
+    A method's own sampler (TCD's, PCM's) stands in for the LCM sampler."""
+    from lcm_jax.worlds.shapes import spread
+
+    found = {}  # spread's keys: (model, sampler, steps)
+    for r in rows:
+        if "name" in r and r["weights"] == "target":
+            found[(r["name"], "lcm", r["steps"])] = r
+        elif "name" not in r and r["method"] != IDEAL:
+            found[("teacher", r["sampler"], r["steps"])] = r
+    names = list(dict.fromkeys(r["name"] for r in rows if "name" in r))
+    lines = ["| aim | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for same_aim in zip(*(spread.aims(n) for n in names)):  # one aim, each method's
+        cells = []
+        for a in same_aim:
+            if a.row not in found or a.reference not in found:
+                cells.append("-")
+                continue
+            ratio = found[a.row][a.metric] / found[a.reference][a.metric]
+            cells.append(f"**{ratio:.3f}x**" if a.met(ratio) else f"{ratio:.3f}x")
+        lines.append(f"| {same_aim[0].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def compact_markdown(rows: list[dict]) -> str:
