@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.coarse_fraction = 0.5    # hops skip k_c = T / N_c (a multiple of k) on the N_c-step grid
     c.loss.ema_decay = 0.95         # LCD/LCF/TCD/PCM target network theta-
     c.loss.lora_target_ema = False  # LCM-LoRA: keep an EMA (ema_decay) of the LoRA factors as the
-                                    # target theta-; False: diffusers' recipe (the student itself)
+                                    # target theta-; False: diffusers' recipe (the student itself),
+                                    # which drifts past ~1200 shapes steps (README, 3000-step table)
     c.diffusion_ema_decay = 0.0     # method='diffusion': EMA of the weights (exported); 0 = none
     c.loss.solver = "ddim"
     c.loss.lcf_w = 7.0              # LCF: the fixed w the student is conditioned on
