@@ -219,18 +219,14 @@ def aims_markdown(rows: list[dict]) -> str:
             found[(r["name"], "lcm", r["steps"])] = r
         elif "name" not in r and r["method"] != IDEAL:
             found[("teacher", r["sampler"], r["steps"])] = r
-    names = list(dict.fromkeys(r["name"] for r in rows if "name" in r))
-    lines = ["| aim | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for same_aim in zip(*(spread.aims(n) for n in names)):  # one aim, each method's
-        cells = []
-        for a in same_aim:
-            if a.row not in found or a.reference not in found:
-                cells.append("-")
-                continue
-            ratio = found[a.row][a.metric] / found[a.reference][a.metric]
-            cells.append(f"**{ratio:.3f}x**" if a.met(ratio) else f"{ratio:.3f}x")
-        lines.append(f"| {same_aim[0].label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def cell(a) -> str:
+        if a.row not in found or a.reference not in found:
+            return "-"
+        ratio = found[a.row][a.metric] / found[a.reference][a.metric]
+        return f"**{ratio:.3f}x**" if a.met(ratio) else f"{ratio:.3f}x"
+
+    return spread.aims_table(list(dict.fromkeys(r["name"] for r in rows if "name" in r)), cell)
 
 
 def compact_markdown(rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -102,17 +102,21 @@ def _models(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"))
 
 
-def aims_markdown(rows: Sequence[dict]) -> str:
-    """One line per aim, one column per run: on how many sets it is met, and the mean ratio."""
-    models = _models(rows)
+def aims_table(models: Sequence[str], cell: Callable[[Aim], str]) -> str:
+    """One line per aim, one column per model, `cell(aim)` in each (the aim for that model)."""
     lines = ["| aim | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for same_aim in zip(*(aims(m) for m in models)):  # one aim, each model's
-        cells = []
-        for a in same_aim:
-            r = aim_ratios(rows, a)
-            cells.append(f"{sum(a.met(x) for x in r)} of {len(r)} ({np.mean(r):.2f}x)")
-        lines.append(f"| {same_aim[0].label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {same_aim[0].label} | " + " | ".join(cell(a) for a in same_aim) + " |")
     return "\n".join(lines) + "\n"
+
+
+def aims_markdown(rows: Sequence[dict]) -> str:
+    """One line per aim, one column per run: on how many sets it is met, and the mean ratio."""
+    def cell(a: Aim) -> str:
+        r = aim_ratios(rows, a)
+        return f"{sum(a.met(x) for x in r)} of {len(r)} ({np.mean(r):.2f}x)"
+
+    return aims_table(_models(rows), cell)
 
 
 def markdown(rows: Sequence[dict], num_prompts: int) -> str:
