@@ -181,3 +181,25 @@ def test_build_tool_names_missing_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*train the teacher first"):
         tool.final_unet_params(str(tmp_path))
+
+
+
+def test_scale_latents_multiplies_only_the_vae_scaling_factor(tmp_path):
+    """--latent_scale: the copied VAE config's scaling_factor times the scale, every other key
+    and the source folder as they were."""
+    import json
+    import shutil
+
+    from lcm_jax.worlds.shapes import build_teacher as tool
+
+    source = os.path.join(TEACHER, "vae", "config.json")
+    with open(source) as f:
+        shipped = json.load(f)
+    shutil.copytree(os.path.join(TEACHER, "vae"), tmp_path / "vae",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    tool.scale_latents(str(tmp_path), 0.5)
+    scaled = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert scaled["scaling_factor"] == pytest.approx(0.5 * shipped["scaling_factor"], rel=1e-12)
+    assert {**scaled, "scaling_factor": shipped["scaling_factor"]} == shipped
+    with open(source) as f:
+        assert json.load(f) == shipped

@@ -16,8 +16,8 @@
 continues an existing teacher instead (how the shipped one was made from the previous build when
 the world's captions began to leave attributes out): FOLDER -> WORKDIR/init (VAE and text encoder
 kept: the images did not change; `--text_steps N` continues the encoder's pretraining on the new
-captions first), then the UNet fine-tuned from FOLDER's (`method='diffusion'`,
-model.teacher=WORKDIR/init).
+captions first; `--latent_scale B` multiplies the VAE's scaling_factor by B, every SNR by B**2),
+then the UNet fine-tuned from FOLDER's (`method='diffusion'`, model.teacher=WORKDIR/init).
 """
 from __future__ import annotations
 
@@ -191,13 +191,29 @@ def folder_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def finetune_steps(from_teacher: str, workdir: str, teacher_steps: int, text_steps: int) -> dict:
+def scale_latents(components: str, latent_scale: float) -> None:
+    """Multiplies the VAE's scaling_factor in `components`/vae/config.json by `latent_scale`:
+    every noise level's SNR times latent_scale**2 under the same schedule (Chen 2023's input
+    scaling), so that a world with little detail per latent is not already decided at t = 259."""
+    path = os.path.join(components, "vae", "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["scaling_factor"] *= latent_scale
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def finetune_steps(from_teacher: str, workdir: str, teacher_steps: int, text_steps: int,
+                   latent_scale: float = 1.0) -> dict:
     """FROM_TEACHER -> WORKDIR/init (with `text_steps` > 0: its text encoder's pretraining
-    continued on this world's captions), its UNet fine-tuned into WORKDIR/teacher; returns
-    seconds per stage."""
+    continued on this world's captions; `latent_scale`: scale_latents), its UNet fine-tuned into
+    WORKDIR/teacher; returns seconds per stage."""
     init, teacher_dir = os.path.join(workdir, "init"), os.path.join(workdir, "teacher")
     if not os.path.exists(init):
-        shutil.copytree(from_teacher, init)
+        shutil.copytree(from_teacher, f"{init}.tmp", dirs_exist_ok=True)
+        if latent_scale != 1.0:
+            scale_latents(f"{init}.tmp", latent_scale)
+        os.replace(f"{init}.tmp", init)
     times = {}
     if text_steps:
         times["text_encoder"] = run_step([
@@ -221,7 +237,7 @@ a diffusers pipeline folder (loads with diffusers' `StableDiffusionPipeline` and
 
 Made from the previous build ({base}) by `python lcm_jax/worlds/shapes/build_teacher.py
 --from_teacher FOLDER`:
-- vae/, tokenizer/, scheduler/: that build's, unchanged (the world's images did not change).
+- {vae_line}
 - text_encoder/: {text_line}; frozen.
 - unet/: fine-tuned from the previous UNet with `method='diffusion'` (epsilon, caption dropout
   0.1 for CFG) for {teacher_steps} steps at batch {batch}, lr {teacher_lr:g} cosine, on a latent
@@ -240,6 +256,22 @@ grid.png: samples at the best guidance.
 {note}"""
 
 
+def vae_note(base: str, out_dir: str) -> str:
+    """The README line on vae/: unchanged, or its latents rescaled (scale_latents)."""
+    def scale(folder):
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            return json.load(f)["scaling_factor"]
+
+    b = scale(out_dir) / scale(base)
+    if abs(b - 1.0) < 1e-9:
+        return ("vae/, tokenizer/, scheduler/: that build's, unchanged (the world's images did not "
+                "change).")
+    return (f"vae/: that build's weights with scaling_factor {scale(out_dir):.4f}, {b:g} times its "
+            f"{scale(base):.4f} (`--latent_scale {b:g}`): under the same schedule every noise level's "
+            f"SNR is {b * b:g} times what it was, so a latent is less decided at the few-step "
+            "samplers' last timestep (t = 259). tokenizer/, scheduler/: that build's, unchanged.")
+
+
 def write_finetune_readme(out_dir: str, base: str, teacher_cfg: dict, rows: list[dict],
                           times: dict, note: str, text_steps: int) -> None:
     text_line = (f"the previous build's, {text_encoder_note(out_dir)}" if not text_steps else
@@ -255,7 +287,7 @@ def write_finetune_readme(out_dir: str, base: str, teacher_cfg: dict, rows: list
                      for k in ("background", "shape", "color", "size", "position")) + " |"
         for r in rows)
     readme = FINETUNE_README.format(
-        base=base, text_line=text_line, teacher_steps=teacher_cfg["total_steps"],
+        base=base, text_line=text_line, vae_line=vae_note(base, out_dir), teacher_steps=teacher_cfg["total_steps"],
         batch=teacher_cfg["batch_size"], teacher_lr=teacher_cfg["optim"]["learning_rate"],
         cache=teacher_cfg["data"]["cache_size"], ema=teacher_cfg.get("diffusion_ema_decay", 0.0),
         teacher_min=times.get("teacher", float("nan")) / 60, num_prompts=rows[0]["num_prompts"],
@@ -278,6 +310,8 @@ def main() -> None:
     p.add_argument("--from_teacher", default="", help="continue this teacher folder (see above)")
     p.add_argument("--text_steps", type=int, default=0,
                    help="--from_teacher: continue the text encoder's pretraining this many steps first")
+    p.add_argument("--latent_scale", type=float, default=1.0,
+                   help="--from_teacher: multiply the VAE's scaling_factor by this (scale_latents)")
     a = p.parse_args()
     if a.from_teacher:
         return main_finetune(a)
@@ -317,7 +351,8 @@ def main_finetune(a) -> None:
     from lcm_jax.worlds.shapes.world import UNDERSTATED
 
     teacher_dir = os.path.join(a.workdir, "teacher")
-    times = {} if a.skip_training else finetune_steps(a.from_teacher, a.workdir, a.teacher_steps, a.text_steps)
+    times = {} if a.skip_training else finetune_steps(a.from_teacher, a.workdir, a.teacher_steps,
+                                                      a.text_steps, a.latent_scale)
     out = os.path.abspath(a.out)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
