@@ -69,3 +69,24 @@ def test_refusals_name_the_argument(args, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
         decided.main(args + ["--out", str(out)])
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_docs_row_of_the_shipped_teacher_is_what_the_tool_measures(teacher):
+    """docs/shapes_decided.md's first row, remeasured on its 500 prompts (2% for another CPU's
+    last digits)."""
+    import os
+    import re
+
+    from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "shapes_decided.md")
+    with open(doc) as f:
+        row = next(line for line in f if line.startswith("| shipped (latent scale 1) |"))
+    cells = [tuple(map(float, c.split(" / "))) for c in re.findall(r"\| ([\d.]+ / [\d.]+) ", row)]
+    images, prompts, _ = decided.heldout_images(500)
+    rows = decided.decided_rows(teacher, ShapesEvaluator(), images, prompts, [999, 759, 499, 259], 1.0)
+    assert len(cells) == len(rows) == 5
+    for (fd, acc), r in zip(cells, rows):
+        assert r["fd"] == pytest.approx(fd, rel=0.02, abs=0.1), (r, fd)
+        assert r["prompt_accuracy"] == pytest.approx(acc, abs=0.01), (r, acc)
