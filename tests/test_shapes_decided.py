@@ -62,8 +62,10 @@ def test_markdown_has_a_row_per_timestep():
     assert lines[-2:] == ["| 0 | 4.4 | 0.996 |", "| 999 | 752.3 | 0.026 |"]
 
 
-@pytest.mark.parametrize("args,match", [(["--timesteps", "999,0"], "--timesteps 999,0: each must be in 1..999"),
-                                        (["--teacher", "/nonexistent"], "no teacher pipeline at /nonexistent")])
+@pytest.mark.parametrize("args,match", [
+    (["--timesteps", "999,0"], "--timesteps 999,0: give integers in 1..999"),
+    (["--timesteps", "999,x"], "--timesteps 999,x: give integers in 1..999"),
+    (["--teacher", "/nonexistent"], "no teacher pipeline at /nonexistent")])
 def test_refusals_name_the_argument(args, match, tmp_path):
     out = tmp_path / "t.md"
     with pytest.raises(SystemExit, match=match):

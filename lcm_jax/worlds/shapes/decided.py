@@ -59,7 +59,8 @@ def _scores(evaluator, images, prompts) -> dict:
 
 def markdown(rows: Sequence[dict], teacher: str, guidance: float, num_prompts: int) -> str:
     lines = [f"The teacher's one-step x0-prediction from real held-out images noised to t "
-             f"({teacher}, guidance {guidance:g}, {num_prompts} prompts); t = 0: the real images.\n", "| t | FD | prompt accuracy |", "|---:|---:|---:|"]
+             f"({teacher}, guidance {guidance:g}, {num_prompts} prompts); t = 0: the real images.\n",
+             "| t | FD | prompt accuracy |", "|---:|---:|---:|"]
     lines += [f"| {r['t']} | {r['fd']:.1f} | {r['prompt_accuracy']:.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -77,9 +78,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if not os.path.exists(os.path.join(a.teacher, "model_index.json")):
         raise SystemExit(f"no teacher pipeline at {a.teacher}: pass --teacher FOLDER")
-    timesteps = [int(t) for t in a.timesteps.split(",")]
-    if not all(0 < t < 1000 for t in timesteps):
-        raise SystemExit(f"--timesteps {a.timesteps}: each must be in 1..999")
+    timesteps = [int(t) for t in a.timesteps.split(",") if t.strip().isdigit()]
+    if len(timesteps) != len(a.timesteps.split(",")) or not all(0 < t < 1000 for t in timesteps):
+        raise SystemExit(f"--timesteps {a.timesteps}: give integers in 1..999, comma-separated")
     images, prompts, _ = heldout_images(a.num_prompts)
     rows = decided_rows(LCMPipeline.from_pretrained(a.teacher), ShapesEvaluator(), images, prompts,
                         timesteps, a.guidance)
