@@ -262,14 +262,15 @@ def vae_note(base: str, out_dir: str) -> str:
         with open(os.path.join(folder, "vae", "config.json")) as f:
             return json.load(f)["scaling_factor"]
 
-    b = scale(out_dir) / scale(base)
+    was, now = scale(base), scale(out_dir)
+    b = now / was
     if abs(b - 1.0) < 1e-9:
         return ("vae/, tokenizer/, scheduler/: that build's, unchanged (the world's images did not "
                 "change).")
-    return (f"vae/: that build's weights with scaling_factor {scale(out_dir):.4f}, {b:g} times its "
-            f"{scale(base):.4f} (`--latent_scale {b:g}`): under the same schedule every noise level's "
-            f"SNR is {b * b:g} times what it was, so a latent is less decided at the few-step "
-            "samplers' last timestep (t = 259). tokenizer/, scheduler/: that build's, unchanged.")
+    return (f"vae/: that build's weights with scaling_factor {now:.4f}, {b:g} times its {was:.4f} "
+            f"(`--latent_scale {b:g}`): under the same schedule every noise level's SNR is {b * b:g} "
+            "times what it was, so a latent is less decided at the few-step samplers' last "
+            "timestep (t = 259). tokenizer/, scheduler/: that build's, unchanged.")
 
 
 def write_finetune_readme(out_dir: str, base: str, teacher_cfg: dict, rows: list[dict],
@@ -287,7 +288,8 @@ def write_finetune_readme(out_dir: str, base: str, teacher_cfg: dict, rows: list
                      for k in ("background", "shape", "color", "size", "position")) + " |"
         for r in rows)
     readme = FINETUNE_README.format(
-        base=base, text_line=text_line, vae_line=vae_note(base, out_dir), teacher_steps=teacher_cfg["total_steps"],
+        base=base, text_line=text_line, vae_line=vae_note(base, out_dir),
+        teacher_steps=teacher_cfg["total_steps"],
         batch=teacher_cfg["batch_size"], teacher_lr=teacher_cfg["optim"]["learning_rate"],
         cache=teacher_cfg["data"]["cache_size"], ema=teacher_cfg.get("diffusion_ema_decay", 0.0),
         teacher_min=times.get("teacher", float("nan")) / 60, num_prompts=rows[0]["num_prompts"],
