@@ -55,6 +55,18 @@ def test_the_method_labelled_the_demos_recipe_trains_as_the_demo():
     assert config["loss.num_ddim_timesteps"] == 10 and config["loss.ema_decay"] == 0.99
 
 
+def test_another_teacher_is_every_methods_teacher(tmp_path):
+    """--teacher: the methods train from that folder; one that is no pipeline is refused by name,
+    before the workdir gets anything."""
+    from lcm_jax.worlds.shapes import TEACHER_DIR
+
+    for name in ("lcd", "lora"):
+        assert methods.method_config(name, 10, "", teacher=TEACHER_DIR).model.teacher == TEACHER_DIR
+    with pytest.raises(SystemExit, match=f"no teacher pipeline at {tmp_path}"):
+        methods.main(["--workdir", str(tmp_path / "w"), "--teacher", str(tmp_path), "--methods", ""])
+    assert not (tmp_path / "w").exists()
+
+
 def test_samplers_follow_the_method():
     lcd = methods.sampler_runs(methods.method_config("lcd", 10, ""))
     assert [(s, n) for s, n, _ in lcd] == [("lcm", n) for n in methods.SAMPLE_STEPS]

@@ -11,7 +11,7 @@
    README.md written with the recipe and the numbers; then renamed onto --out.
 `--skip_training` reassembles and re-evaluates from an existing WORKDIR.
 
-    python lcm_jax/worlds/shapes/build_teacher.py --from_teacher FOLDER [--teacher_steps N]
+    python lcm_jax/worlds/shapes/build_teacher.py --from_teacher FOLDER [--teacher_steps N] [--teacher_lr LR]
 
 continues an existing teacher instead (how the shipped one was made from the previous build when
 the world's captions began to leave attributes out): FOLDER -> WORKDIR/init (VAE and text encoder
@@ -204,7 +204,7 @@ def scale_latents(components: str, latent_scale: float) -> None:
 
 
 def finetune_steps(from_teacher: str, workdir: str, teacher_steps: int, text_steps: int,
-                   latent_scale: float = 1.0) -> dict:
+                   latent_scale: float = 1.0, teacher_lr: float = 0.0) -> dict:
     """FROM_TEACHER -> WORKDIR/init (with `text_steps` > 0: its text encoder's pretraining
     continued on this world's captions; `latent_scale`: scale_latents), its UNet fine-tuned into
     WORKDIR/teacher; returns seconds per stage."""
@@ -224,7 +224,8 @@ def finetune_steps(from_teacher: str, workdir: str, teacher_steps: int, text_ste
         "-m", "lcm_jax.train", f"--config={CONFIG_DIR}/shapes_teacher.py", f"--workdir={teacher_dir}",
         f"--config.model.teacher={init}", "--config.model.components=",
         f"--config.total_steps={teacher_steps or FINETUNE['teacher_steps']}",
-        f"--config.optim.learning_rate={FINETUNE['teacher_lr']}", "--config.checkpoint_every=500"])
+        f"--config.optim.learning_rate={teacher_lr or FINETUNE['teacher_lr']}",
+        "--config.checkpoint_every=500"])
     return times
 
 
@@ -312,6 +313,8 @@ def main() -> None:
     p.add_argument("--from_teacher", default="", help="continue this teacher folder (see above)")
     p.add_argument("--text_steps", type=int, default=0,
                    help="--from_teacher: continue the text encoder's pretraining this many steps first")
+    p.add_argument("--teacher_lr", type=float, default=0.0,
+                   help=f"--from_teacher: peak learning rate (default {FINETUNE['teacher_lr']:g})")
     p.add_argument("--latent_scale", type=float, default=1.0,
                    help="--from_teacher: multiply the VAE's scaling_factor by this (scale_latents)")
     a = p.parse_args()
@@ -354,7 +357,7 @@ def main_finetune(a) -> None:
 
     teacher_dir = os.path.join(a.workdir, "teacher")
     times = {} if a.skip_training else finetune_steps(a.from_teacher, a.workdir, a.teacher_steps,
-                                                      a.text_steps, a.latent_scale)
+                                                      a.text_steps, a.latent_scale, a.teacher_lr)
     out = os.path.abspath(a.out)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

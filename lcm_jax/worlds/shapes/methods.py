@@ -2,7 +2,7 @@
 latent cache, same training budget, scored on the same held-out prompts and starting noise.
 
     python -m lcm_jax.worlds.shapes.methods --workdir runs/methods [--steps 1200] [--num_prompts 500]
-        [--methods lcd,lcd_x0,...]
+        [--methods lcd,lcd_x0,...] [--teacher FOLDER]
 
 Each method is the demo's config (configs/shapes_lcd.py) with TABLE_BASE and the overrides in METHODS, trained
 into WORKDIR/<name>/ (resumable), then sampled at 1, 2 and 4 steps with its own sampler: FD and
@@ -70,14 +70,14 @@ METHODS = {
 }
 
 
-def method_config(name: str, steps: int, cache_dir: str, workdir: str = ""):
-    """configs/shapes_lcd.py with TABLE_BASE and METHODS[name]'s overrides, `steps` long, on the
-    shared cache; a model.student_init names another method, whose run in `workdir` the student
-    starts from."""
-    from lcm_jax.worlds.shapes.configs import shapes_lcd
+def method_config(name: str, steps: int, cache_dir: str, workdir: str = "", teacher: str = ""):
+    """configs/shapes_lcd.py (with another `teacher` folder) with TABLE_BASE and METHODS[name]'s
+    overrides, `steps` long, on the shared cache; a model.student_init names another method, whose
+    run in `workdir` the student starts from."""
+    from lcm_jax.worlds.shapes.demo import load_config
 
     overrides = METHODS[name][1]
-    config = shapes_lcd.get_config("lora" if overrides.get("method") == "lcm_lora" else None)
+    config = load_config("lora" if overrides.get("method") == "lcm_lora" else None, teacher)
     for key, value in {**TABLE_BASE, **overrides}.items():
         *parents, leaf = key.split(".")
         node = config
@@ -156,14 +156,14 @@ def baseline_rows(teacher, evaluator, prompts, div_prompts, lcm_guidance: float,
 
 
 def method_rows(name: str, workdir: str, steps: int, cache_dir: str, evaluator, prompts,
-                div_prompts) -> list[dict]:
+                div_prompts, teacher: str = "") -> list[dict]:
     """Trains (or resumes) one method and scores its target network and its evaluation EMA."""
     from lcm_jax import train
     from lcm_jax.runs import pipeline_from_training
     from lcm_jax.training.models import build_models
     from lcm_jax.training.state import sampling_guidance
 
-    config = method_config(name, steps, cache_dir, workdir)
+    config = method_config(name, steps, cache_dir, workdir, teacher)
     t0 = time.time()
     state = train.train_and_evaluate(config, os.path.join(workdir, name))
     if int(state.step) < config.total_steps:  # stopped (SIGTERM): score nothing, the rerun resumes
@@ -285,6 +285,8 @@ def main(argv=None) -> None:
     p.add_argument("--num_prompts", type=int, default=500)
     p.add_argument("--diversity_prompts", type=int, default=25)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--teacher", default="", help="default: the shipped shapes teacher (the "
+                   "workdir's latent cache refuses another)")
     p.add_argument("--oracle", action="store_true", help="also score the ideal LCM (slow)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="score the teacher's rows (--no-baselines: another process of the same "
@@ -303,11 +305,11 @@ def main(argv=None) -> None:
     from lcm_jax.worlds.shapes.evaluator import ShapesEvaluator, heldout_prompts
 
     logging.set_verbosity(logging.WARNING)
+    cache = os.path.join(a.workdir, "latents")
+    base = method_config("lcd", a.steps, cache, teacher=a.teacher)  # refuses a bad --teacher first
     os.makedirs(a.workdir, exist_ok=True)
     jsonl = os.path.join(a.workdir, "methods.jsonl")
     rows = read_rows(jsonl)
-    cache = os.path.join(a.workdir, "latents")
-    base = method_config("lcd", a.steps, cache)
     latent_cache.build(base, cache)
     evaluator, prompts = ShapesEvaluator(), heldout_prompts(a.num_prompts)[0]
     div_prompts = diversity_prompts(a.diversity_prompts)
@@ -318,7 +320,7 @@ def main(argv=None) -> None:
         print(f"[{i + 1}/{len(todo)}] {name or 'baselines'}", flush=True)
         new = (baseline_rows(LCMPipeline.from_pretrained(base.model.teacher), evaluator, prompts, div_prompts,
                              sampling_guidance(base), base.loss.num_ddim_timesteps, a.oracle) if name is None else
-               method_rows(name, a.workdir, a.steps, cache, evaluator, prompts, div_prompts))
+               method_rows(name, a.workdir, a.steps, cache, evaluator, prompts, div_prompts, a.teacher))
         with open(jsonl, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         rows += new
