@@ -32,6 +32,7 @@ TABLE_BASE = {"loss.num_ddim_timesteps": 50, "loss.ema_decay": 0.995,
               "eval_endpoint_timesteps": (999, 759, 499, 259)}
 K100 = {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}  # a grid of 10: k = 100
 DEMO = {**K100, "loss.ema_decay": 0.99}  # configs/shapes_lcd.py's recipe, TABLE_BASE undone
+W13 = {"loss.w_min": 1.0, "loss.w_max": 3.0}  # guidance 2..4, sampled at 3: the teacher's best
 
 # name: (description, overrides of configs/shapes_lcd.py on top of TABLE_BASE)
 METHODS = {
@@ -56,6 +57,13 @@ METHODS = {
                     {**DEMO, "loss.w_min": 5.0, "loss.w_max": 5.0}),
     "lcd_k100_l2": ("LCD, k = 100 (N = 10), target EMA 0.99, L2 distance",
                     {**DEMO, "loss.loss_type": "l2"}),
+    "lcd_k100_ema95_w13": ("LCD, k = 100 (N = 10), target EMA 0.95, w 1..3 (sampled at guidance 3)",
+                           {**K100, **W13, "loss.ema_decay": 0.95}),
+    "lcd_k40_ema95_w13": ("LCD, k = 40 (N = 25), target EMA 0.95, w 1..3 (sampled at guidance 3)",
+                          {**W13, "loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": (),
+                           "loss.ema_decay": 0.95}),
+    "lcd_k20_ema99_w13": ("LCD, k = 20 (N = 50), target EMA 0.99, w 1..3 (sampled at guidance 3)",
+                          {**W13, "loss.ema_decay": 0.99}),
     "lcd_k200_ema99": ("LCD, k = 200 (N = 5), target EMA 0.99",
                        {"loss.num_ddim_timesteps": 5, "eval_endpoint_timesteps": (), "loss.ema_decay": 0.99}),
     "lcd_k100_k20": ("LCD, k = 20 from lcd_k100_ema99 (coarse to fine)",
