@@ -134,10 +134,12 @@ def test_aims_are_each_methods_target_against_the_baselines_of_its_own_table():
 
 
 @pytest.mark.parametrize("stem,steps,aims", [("shapes_methods", 600, False), ("shapes_methods_3000", 3000, True),
-                                             ("shapes_methods_long", 10000, False)])
+                                             ("shapes_methods_long", 10000, False),
+                                             ("shapes_methods_s0125", 1200, True)])
 def test_docs_and_readme_tables_are_the_stored_rows(stem, steps, aims):
     """docs/<stem>.md and README's table are what the report makes of docs/<stem>.jsonl (the
-    600-step table, every method at 3000 steps with its aims, and the long run)."""
+    600-step table, every method at 3000 steps with its aims, the long run, and the scale-0.125
+    teacher's table with its aims)."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
