@@ -7,7 +7,7 @@ each (steps, N). One JSON line per row on stdout.
     python experiments/shapes_ideal_lcm.py --teacher FOLDER --guidance 3 --runs 4:10,4:50,1:10
 
 A step from t costs up to N teacher passes with CFG: --runs 4:50 on 500 prompts is about 12
-minutes on 2 CPU cores beside one other job.
+minutes on 2 CPU cores beside two other jobs.
 """
 import argparse
 import json
