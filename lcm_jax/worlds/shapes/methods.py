@@ -31,6 +31,7 @@ IDEAL = "ideal LCM (the teacher's ODE chain)"  # the --oracle rows' method
 TABLE_BASE = {"loss.num_ddim_timesteps": 50, "loss.ema_decay": 0.995,
               "eval_endpoint_timesteps": (999, 759, 499, 259)}
 K100 = {"loss.num_ddim_timesteps": 10, "eval_endpoint_timesteps": ()}  # a grid of 10: k = 100
+K40 = {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}   # a grid of 25: k = 40
 DEMO = {**K100, "loss.ema_decay": 0.99}  # configs/shapes_lcd.py's recipe, TABLE_BASE undone
 W13 = {"loss.w_min": 1.0, "loss.w_max": 3.0}  # guidance 2..4, sampled at 3: the teacher's best
 
@@ -45,8 +46,7 @@ METHODS = {
                                                       "model.student_init": "guided_v"}),
     "lcd_lr3e4": ("LCD, learning rate 3e-4 (the demo's 1e-4)", {"optim.learning_rate": 3e-4}),
     "lcd_sampler_t": ("LCD, t drawn toward the sampler's timesteps", {"loss.timestep_sampling": "sampler"}),
-    "lcd_k40": ("LCD, skipping step k = 40 (N = 25)",
-                {"loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": ()}),
+    "lcd_k40": ("LCD, skipping step k = 40 (N = 25)", K40),
     "lcd_k100": ("LCD, skipping step k = 100 (N = 10)", K100),
     "lcd_k100_ema95": ("LCD, k = 100 (N = 10), target EMA 0.95", {**K100, "loss.ema_decay": 0.95}),
     "lcd_k100_ema99": ("LCD, k = 100 (N = 10), target EMA 0.99 (the demo's recipe)",
@@ -60,8 +60,7 @@ METHODS = {
     "lcd_k100_ema95_w13": ("LCD, k = 100 (N = 10), target EMA 0.95, w 1..3 (sampled at guidance 3)",
                            {**K100, **W13, "loss.ema_decay": 0.95}),
     "lcd_k40_ema95_w13": ("LCD, k = 40 (N = 25), target EMA 0.95, w 1..3 (sampled at guidance 3)",
-                          {**W13, "loss.num_ddim_timesteps": 25, "eval_endpoint_timesteps": (),
-                           "loss.ema_decay": 0.95}),
+                          {**K40, **W13, "loss.ema_decay": 0.95}),
     "lcd_k20_ema99_w13": ("LCD, k = 20 (N = 50), target EMA 0.99, w 1..3 (sampled at guidance 3)",
                           {**W13, "loss.ema_decay": 0.99}),
     "lcd_k200_ema99": ("LCD, k = 200 (N = 5), target EMA 0.99",
