@@ -8,20 +8,22 @@ Same budget, rows and files as the demo.
 """
 import sys
 
-from lcm_jax.schedules import lcm_timesteps
 from lcm_jax.worlds.shapes import demo
+from lcm_jax.worlds.shapes.methods import METHODS, TABLE_BASE, W13
 
 demo_config = demo.load_config
+RECIPE = {**TABLE_BASE, **METHODS["lcd_k20_ema99_w13"][1]}  # the methods table's entry, as it trains
 
 
 def guidance3_config(arg=None, teacher=None):
     """configs/shapes_lcd.py (`arg` 'lora': its LCM-LoRA) with the guidance-3 recipe."""
     config = demo_config(arg, teacher)
-    config.loss.w_min, config.loss.w_max = 1.0, 3.0
-    if arg != "lora":
-        config.loss.num_ddim_timesteps = 50
-        config.loss.ema_decay = 0.99
-        config.eval_endpoint_timesteps = tuple(int(t) for t in lcm_timesteps(4, 50, 1000))
+    for key, value in (W13 if arg == "lora" else RECIPE).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return config
 
 
