@@ -9,7 +9,7 @@ Same budget, rows and files as the demo.
 import sys
 
 from lcm_jax.worlds.shapes import demo
-from lcm_jax.worlds.shapes.methods import METHODS, TABLE_BASE, W13
+from lcm_jax.worlds.shapes.methods import METHODS, TABLE_BASE, W13, apply_overrides
 
 demo_config = demo.load_config
 RECIPE = {**TABLE_BASE, **METHODS["lcd_k20_ema99_w13"][1]}  # the methods table's entry, as it trains
@@ -18,12 +18,7 @@ RECIPE = {**TABLE_BASE, **METHODS["lcd_k20_ema99_w13"][1]}  # the methods table'
 def guidance3_config(arg=None, teacher=None):
     """configs/shapes_lcd.py (`arg` 'lora': its LCM-LoRA) with the guidance-3 recipe."""
     config = demo_config(arg, teacher)
-    for key, value in (W13 if arg == "lora" else RECIPE).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_overrides(config, W13 if arg == "lora" else RECIPE)
     return config
 
 

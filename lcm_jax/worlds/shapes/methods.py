@@ -77,6 +77,16 @@ METHODS = {
 }
 
 
+def apply_overrides(config, overrides: dict) -> None:
+    """Sets each dotted key of `overrides` ('loss.ema_decay') on `config`."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
 def method_config(name: str, steps: int, cache_dir: str, workdir: str = "", teacher: str = ""):
     """configs/shapes_lcd.py (with another `teacher` folder) with TABLE_BASE and METHODS[name]'s
     overrides, `steps` long, on the shared cache; a model.student_init names another method, whose
@@ -85,12 +95,7 @@ def method_config(name: str, steps: int, cache_dir: str, workdir: str = "", teac
 
     overrides = METHODS[name][1]
     config = load_config("lora" if overrides.get("method") == "lcm_lora" else None, teacher)
-    for key, value in {**TABLE_BASE, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_overrides(config, {**TABLE_BASE, **overrides})
     if config.model.student_init:
         config.model.student_init = os.path.join(workdir, config.model.student_init)
     config.total_steps = steps
